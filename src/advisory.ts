@@ -1,0 +1,263 @@
+import { performance } from 'node:perf_hooks';
+import { AbortedError, DeadlockError, InvalidOptionError, LockNotAcquiredError, LockTimeoutError, sqlState } from './errors.js';
+import { publish } from './events.js';
+import type { HandleOf } from './handles.js';
+import { type LockKey, type LockKeyInput, lockKeys } from './keys.js';
+import { type Conn, inTransaction, type Runner, type Statement, type TransactionOptions } from './runner.js';
+
+/** Exclusive (one holder) or shared (many shared holders, no exclusive one). */
+export type LockMode = 'exclusive' | 'shared';
+
+/** How to take an advisory lock. */
+export interface LockOptions extends TransactionOptions {
+  /** Default `'exclusive'`. */
+  mode?: LockMode;
+  /**
+   * Omit to wait as long as it takes; `0` to try once without waiting; N to wait at most N ms.
+   * The wait happens on the server (`lock_timeout`), so Postgres's deadlock detector sees it.
+   */
+  timeoutMs?: number;
+  /** Abort to cancel the wait on the server; the operation rejects with {@link AbortedError}. */
+  signal?: AbortSignal;
+}
+
+/** Checked options, shared by transaction and session locks. */
+export interface LockRequest {
+  keys: LockKey[];
+  shared: boolean;
+  timeoutMs: number | undefined;
+  signal: AbortSignal | undefined;
+  labels: string[];
+}
+
+export function lockRequest(input: readonly LockKeyInput[] | LockKeyInput, options: LockOptions = {}): LockRequest {
+  if (options === null || typeof options !== 'object') throw new InvalidOptionError('options must be an object');
+  const { mode = 'exclusive', timeoutMs, signal } = options;
+  if (mode !== 'exclusive' && mode !== 'shared')
+    throw new InvalidOptionError(`mode must be 'exclusive' or 'shared', got ${JSON.stringify(mode)}`);
+  if (
+    timeoutMs !== undefined &&
+    (typeof timeoutMs !== 'number' || !Number.isInteger(timeoutMs) || timeoutMs < 0 || timeoutMs > 2_147_483_647)
+  ) {
+    throw new InvalidOptionError(`timeoutMs must be an integer from 0 to 2147483647 (or omitted to wait), got ${String(timeoutMs)}`);
+  }
+  if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidOptionError('signal must be an AbortSignal');
+  const keys = lockKeys(input);
+  return { keys, shared: mode === 'shared', timeoutMs, signal, labels: keys.map((k) => k.label) };
+}
+
+// One statement per key space, keys already sorted and deduplicated by lockKeys, so every caller
+// takes overlapping sets in the same order. unnest() emits array elements in order and the
+// aggregate calls the lock function once per row in that order.
+export function lockStatements(req: LockRequest, fn: string): Statement[] {
+  const int8 = req.keys.filter((k) => k.space === 'int8');
+  const pairs = req.keys.filter((k) => k.space === 'pair');
+  const out: Statement[] = [];
+  if (int8.length === 1) out.push({ text: `select ${fn}($1::int8)::text as ok`, params: [String(int8[0]!.id)] });
+  else if (int8.length > 1) {
+    out.push({
+      text: `select bool_and(${fn}(k)::text <> 'false')::text as ok from unnest($1::int8[]) as k`,
+      params: [`{${int8.map((k) => k.id).join(',')}}`],
+    });
+  }
+  if (pairs.length > 0) {
+    out.push({
+      text: `select bool_and(${fn}(a, b)::text <> 'false')::text as ok from unnest($1::int4[], $2::int4[]) as t(a, b)`,
+      params: [`{${pairs.map((k) => k.a).join(',')}}`, `{${pairs.map((k) => k.b).join(',')}}`],
+    });
+  }
+  return out;
+}
+
+// lock_timeout for the wait, statement_timeout off so it cannot fire first; the previous values
+// are kept in custom settings and restored right after, all transaction-local.
+export function timeoutStatements(timeoutMs: number): { before: Statement; after: Statement } {
+  return {
+    before: {
+      text: "select set_config('pgcoord.lock_timeout', current_setting('lock_timeout'), true), set_config('pgcoord.statement_timeout', current_setting('statement_timeout'), true), set_config('lock_timeout', $1, true), set_config('statement_timeout', '0', true)",
+      params: [`${timeoutMs}ms`],
+    },
+    after: {
+      text: "select set_config('lock_timeout', current_setting('pgcoord.lock_timeout'), true), set_config('statement_timeout', current_setting('pgcoord.statement_timeout'), true)",
+    },
+  };
+}
+
+/** Map a failed lock statement to pgcoord's typed errors. */
+export function lockError(err: unknown, req: LockRequest): unknown {
+  const label = req.labels.join(', ');
+  if (req.signal?.aborted) return new AbortedError(`waiting for lock ${label} was aborted`, { cause: err });
+  const state = sqlState(err);
+  if (state === '55P03') return new LockTimeoutError(label, req.timeoutMs ?? 0, { cause: err });
+  if (state === '40P01') return new DeadlockError(`deadlock detected while waiting for lock ${label}`, { cause: err });
+  return err;
+}
+
+export function outcomeOf(err: unknown): string {
+  if (err instanceof AbortedError) return 'aborted';
+  if (err instanceof LockTimeoutError) return 'timeout';
+  if (err instanceof DeadlockError) return 'deadlock';
+  if (err instanceof LockNotAcquiredError) return 'not-acquired';
+  return 'error';
+}
+
+/**
+ * Take transaction-scoped advisory locks on `conn` (pg_advisory_xact_lock family). Returns false
+ * when `timeoutMs: 0` and a key is taken. In pgcoord's own transaction a failure rolls the whole
+ * transaction back; in a caller's transaction the attempt runs under a savepoint, so a timeout,
+ * abort or miss leaves the caller's transaction usable and holding none of the keys (rolling back
+ * to the savepoint also releases a lock the server granted in the same instant it raised
+ * lock_timeout).
+ */
+async function lockInTransaction(conn: Conn, req: LockRequest): Promise<boolean> {
+  const tryOnly = req.timeoutMs === 0;
+  const fn = `pg${tryOnly ? '_try' : ''}_advisory_xact_lock${req.shared ? '_shared' : ''}`;
+  const locks = lockStatements(req, fn);
+  const timed = req.timeoutMs !== undefined && req.timeoutMs > 0 ? timeoutStatements(req.timeoutMs) : undefined;
+  const guarded = !conn.own && (req.timeoutMs !== undefined || req.signal !== undefined);
+  const statements: Statement[] = [
+    ...(guarded ? [{ text: 'savepoint pgcoord_lock' }] : []),
+    ...(timed ? [timed.before] : []),
+    ...locks,
+    ...(timed ? [timed.after] : []),
+  ];
+  let rows: Record<string, unknown>[][];
+  try {
+    rows = await conn.send(statements, req.signal);
+  } catch (err) {
+    if (guarded && !conn.lost.aborted)
+      await conn.send([{ text: 'rollback to savepoint pgcoord_lock' }, { text: 'release savepoint pgcoord_lock' }]);
+    throw lockError(err, req);
+  }
+  const first = (guarded ? 1 : 0) + (timed ? 1 : 0);
+  const ok = rows.slice(first, first + locks.length).every((r) => r[0]?.ok !== 'false');
+  if (guarded) await conn.send([{ text: ok ? 'release savepoint pgcoord_lock' : 'rollback to savepoint pgcoord_lock' }]);
+  return ok;
+}
+
+type Acquired<T> = { acquired: true; value: T } | { acquired: false };
+
+async function run<R extends Runner, T>(
+  runner: R,
+  keys: readonly LockKeyInput[] | LockKeyInput,
+  fn: (tx: HandleOf<R>) => Promise<T> | T,
+  options: LockOptions | undefined,
+): Promise<Acquired<T>> {
+  const req = lockRequest(keys, options);
+  if (typeof fn !== 'function') throw new InvalidOptionError('the callback must be a function');
+  const mode = req.shared ? 'shared' : 'exclusive';
+  const asked = performance.now();
+  let granted = 0;
+  let outcome: Acquired<T>;
+  try {
+    outcome = await inTransaction<HandleOf<R>, Acquired<T>>(runner, options ?? {}, async (scope) => {
+      let ok: boolean;
+      try {
+        ok = await lockInTransaction(scope.conn, req);
+      } catch (err) {
+        publish('acquire', {
+          keys: req.labels,
+          mode,
+          scope: 'transaction',
+          outcome: outcomeOf(err),
+          waitMs: performance.now() - asked,
+          error: err,
+        });
+        throw err;
+      }
+      granted = performance.now();
+      publish('acquire', {
+        keys: req.labels,
+        mode,
+        scope: 'transaction',
+        outcome: ok ? 'acquired' : 'not-acquired',
+        waitMs: granted - asked,
+      });
+      if (!ok) return { acquired: false };
+      return { acquired: true, value: await scope.call(fn) };
+    });
+  } catch (err) {
+    if (granted)
+      publish('release', {
+        keys: req.labels,
+        mode,
+        scope: 'transaction',
+        outcome: 'error',
+        waitMs: granted - asked,
+        holdMs: performance.now() - granted,
+        error: err,
+      });
+    throw err;
+  }
+  if (granted && outcome.acquired) {
+    publish('release', {
+      keys: req.labels,
+      mode,
+      scope: 'transaction',
+      outcome: 'released',
+      waitMs: granted - asked,
+      holdMs: performance.now() - granted,
+    });
+  }
+  return outcome;
+}
+
+/**
+ * Run `fn` in a transaction holding transaction-scoped advisory locks on `keys`: the lock, the
+ * check and the write commit or roll back together, and the lock is released at the end of the
+ * transaction. Given a pool, pgcoord opens the transaction; given a transaction, it joins it (the
+ * lock then lasts until the caller's transaction ends).
+ *
+ * Several keys are deduplicated, sorted and taken in one round trip, all or nothing, so callers
+ * asking for {a, b} and {b, a} cannot deadlock.
+ *
+ * @throws {@link LockNotAcquiredError} with `timeoutMs: 0` when a key is taken,
+ * {@link LockTimeoutError}, {@link DeadlockError}, {@link AbortedError},
+ * {@link ConnectionLostError} (nothing committed), {@link CommitUnknownError}.
+ *
+ * @example
+ * const refunded = await withLock(sql, `order:${id}`, async (tx) => {
+ *   const [o] = await tx`select total, refunded from orders where id = ${id}`;
+ *   if (o.refunded + amount > o.total) return false;
+ *   await tx`update orders set refunded = refunded + ${amount} where id = ${id}`;
+ *   return true;
+ * }, { timeoutMs: 2000 });
+ */
+export async function withLock<R extends Runner, T>(
+  runner: R,
+  keys: readonly LockKeyInput[] | LockKeyInput,
+  fn: (tx: HandleOf<R>) => Promise<T> | T,
+  options?: LockOptions,
+): Promise<T> {
+  const result = await run(runner, keys, fn, options);
+  if (!result.acquired)
+    throw new LockNotAcquiredError(
+      lockKeys(keys)
+        .map((k) => k.label)
+        .join(', '),
+    );
+  return result.value;
+}
+
+/**
+ * Like {@link withLock}, but "not free" is an answer, not an error: resolves `{ acquired: false }`
+ * without running `fn` when the lock is taken (`timeoutMs` defaults to 0, try once) or when
+ * `timeoutMs` passes.
+ *
+ * @example
+ * const r = await tryWithLock(sql, 'nightly-report', (tx) => build(tx));
+ * if (!r.acquired) console.log('another instance is on it');
+ */
+export async function tryWithLock<R extends Runner, T>(
+  runner: R,
+  keys: readonly LockKeyInput[] | LockKeyInput,
+  fn: (tx: HandleOf<R>) => Promise<T> | T,
+  options?: LockOptions,
+): Promise<Acquired<T>> {
+  try {
+    return await run(runner, keys, fn, { timeoutMs: 0, ...options });
+  } catch (err) {
+    if (err instanceof LockTimeoutError) return { acquired: false };
+    throw err;
+  }
+}

@@ -1,0 +1,476 @@
+// The one seam between pgcoord and the drivers. Every feature takes a Runner and asks this file
+// for a transaction; nothing else knows which driver it got.
+//
+// postgres.js 3.4.9 cannot be trusted with a connection that dies (porsager/postgres #1066, #1154,
+// #1208, #1216): after a close, a statement sent through a `sql.begin` or `sql.reserve()` handle
+// writes to a null socket (the process exits) or runs, outside any transaction, on the reconnected
+// socket (a write of a "failed" transaction commits). So pgcoord never uses `sql.begin` for its own
+// transactions: it reserves a connection, learns the driver's connection object from the
+// `onexecute` hook of its own BEGIN, and sets that object's `onclose`, which the pool calls
+// synchronously inside the socket's close handler, before any promise continuation. From then on
+// the handle given to the callback refuses statements, and pgcoord never sends ROLLBACK, COMMIT or
+// `release()` on it (the pool already took the dead connection back).
+
+import { CommitUnknownError, ConnectionLostError, InvalidOptionError, isConnectionLost, UnsupportedRunnerError } from './errors.js';
+
+/**
+ * Anything pgcoord can run on: a postgres.js `sql` (pool) or transaction (`sql.begin` handle); a
+ * node-postgres `Pool`, `Client` or `PoolClient`; a drizzle `db` or `tx` on either driver.
+ * Given a pool, pgcoord opens its own transaction; given a transaction, it joins it.
+ */
+export type Runner = object;
+
+/** A row as the drivers return it. */
+export type Row = Record<string, unknown>;
+
+/** One SQL statement with `$1`-style parameters. */
+export interface Statement {
+  text: string;
+  params?: readonly unknown[];
+}
+
+/** Transaction isolation levels. */
+export type Isolation = 'read committed' | 'repeatable read' | 'serializable';
+
+/** Options for a transaction pgcoord opens itself (ignored when joining a caller's transaction). */
+export interface TransactionOptions {
+  isolation?: Isolation;
+  readOnly?: boolean;
+}
+
+/** pgcoord's own view of the connection inside a transaction. */
+export interface Conn {
+  /**
+   * Send statements back to back (one round trip where the driver pipelines) and return the rows
+   * of each. All statements settle before this does; it rejects with the first error.
+   * `signal` cancels the running statement on the server.
+   */
+  send(statements: readonly Statement[], signal?: AbortSignal): Promise<Row[][]>;
+  /** Aborted (with a {@link ConnectionLostError}) the moment pgcoord sees the connection die. */
+  readonly lost: AbortSignal;
+  /** True when pgcoord opened this transaction (false when it joined the caller's). */
+  readonly own: boolean;
+}
+
+/** The transaction handed to pgcoord code: its own connection view and a way to call user code. */
+export interface Scope<H> {
+  conn: Conn;
+  /** Run user code with the handle of the runner's own kind (postgres.js tx, pg client, drizzle tx). */
+  call<T>(fn: (handle: H) => Promise<T> | T): Promise<T>;
+}
+
+type Fn = ((...args: unknown[]) => unknown) & Record<string, unknown>;
+type AnyObj = Record<string, unknown>;
+
+type Kind =
+  | { kind: 'pgjs-pool'; sql: Fn; drizzle?: AnyObj }
+  | { kind: 'pgjs-tx'; sql: Fn }
+  | { kind: 'pg-pool'; pool: AnyObj; drizzle?: AnyObj }
+  | { kind: 'pg-client'; client: AnyObj; drizzle?: AnyObj }
+  | { kind: 'pg-in-tx'; client: AnyObj };
+
+function isDrizzle(x: AnyObj): boolean {
+  return typeof x.session === 'object' && x.session !== null && typeof x.dialect === 'object' && typeof x.select === 'function';
+}
+
+function classify(runner: unknown): Kind & { handle?: unknown } {
+  if (runner === null || (typeof runner !== 'object' && typeof runner !== 'function')) {
+    throw new UnsupportedRunnerError(
+      `expected a postgres.js sql, a pg Pool/Client or a drizzle db/tx, got ${runner === null ? 'null' : typeof runner}`,
+    );
+  }
+  const r = runner as AnyObj;
+  const f = runner as Fn;
+  if (isDrizzle(r)) {
+    const client = (r.session as AnyObj).client as AnyObj | undefined;
+    if (typeof r.rollback === 'function') {
+      // a drizzle transaction: join it through its driver handle
+      const inner = classify(client);
+      if (inner.kind === 'pgjs-tx' || inner.kind === 'pg-in-tx') return { ...inner, handle: runner };
+      if (inner.kind === 'pg-client') return { kind: 'pg-in-tx', client: inner.client, handle: runner };
+      throw new UnsupportedRunnerError('drizzle transaction over an unknown driver');
+    }
+    const inner = classify(r.$client ?? client);
+    if (inner.kind === 'pgjs-pool' || inner.kind === 'pg-pool' || inner.kind === 'pg-client') return { ...inner, drizzle: r };
+    throw new UnsupportedRunnerError('drizzle database over an unknown driver');
+  }
+  if (typeof f === 'function' && typeof f.unsafe === 'function') {
+    if (typeof f.savepoint === 'function') return { kind: 'pgjs-tx', sql: f };
+    if (typeof f.begin === 'function' && typeof f.reserve === 'function') return { kind: 'pgjs-pool', sql: f };
+    throw new UnsupportedRunnerError(
+      'a reserved postgres.js connection is not a runner: pass the pool (sql) or a transaction (sql.begin handle)',
+    );
+  }
+  if (typeof r.query === 'function') {
+    if ('idleCount' in r && typeof r.connect === 'function') return { kind: 'pg-pool', pool: r };
+    if (typeof r.getTransactionStatus === 'function' || '_txStatus' in r) {
+      const status = typeof r.getTransactionStatus === 'function' ? (r.getTransactionStatus as () => unknown)() : r._txStatus;
+      return status === 'T' || status === 'E' ? { kind: 'pg-in-tx', client: r } : { kind: 'pg-client', client: r };
+    }
+  }
+  throw new UnsupportedRunnerError('expected a postgres.js sql, a pg Pool/Client or a drizzle db/tx');
+}
+
+/** Check a runner early (for constructors and CLI); throws {@link UnsupportedRunnerError}. */
+export function assertRunner(runner: unknown): void {
+  classify(runner);
+}
+
+/** What kind of runner this is, for messages and for features that need a pinned connection. */
+export function runnerKind(runner: unknown): Kind['kind'] {
+  return classify(runner).kind;
+}
+
+function beginText(opts: TransactionOptions): string {
+  const isolation = opts.isolation;
+  if (isolation !== undefined && !['read committed', 'repeatable read', 'serializable'].includes(isolation)) {
+    throw new InvalidOptionError(
+      `isolation must be 'read committed', 'repeatable read' or 'serializable', got ${JSON.stringify(isolation)}`,
+    );
+  }
+  return `begin${isolation ? ` isolation level ${isolation}` : ''}${opts.readOnly ? ' read only' : ''}`;
+}
+
+/**
+ * Run `body` inside a transaction on `runner`: pgcoord's own (BEGIN is sent with the first
+ * statements, COMMIT after `body`, ROLLBACK on error) or the caller's (joined; nothing is
+ * committed or rolled back here).
+ */
+export async function inTransaction<H, T>(runner: Runner, opts: TransactionOptions, body: (scope: Scope<H>) => Promise<T>): Promise<T> {
+  const k = classify(runner);
+  const begin = beginText(opts);
+  switch (k.kind) {
+    case 'pgjs-tx':
+      return body(joined(pgjsConn(k.sql, false, never), k.handle ?? k.sql));
+    case 'pg-in-tx':
+      return body(joined(pgConn(k.client, false, never), k.handle ?? k.client));
+    case 'pgjs-pool':
+      return pgjsOwn(k.sql, begin, k.drizzle, body as (s: Scope<unknown>) => Promise<T>);
+    case 'pg-pool':
+    case 'pg-client':
+      return pgOwn(k, begin, body as (s: Scope<unknown>) => Promise<T>);
+  }
+}
+
+const never = new AbortController().signal;
+
+function joined<H>(conn: Conn, handle: unknown): Scope<H> {
+  return { conn, call: async (fn) => fn(handle as H) };
+}
+
+// ---------------------------------------------------------------- postgres.js
+
+interface PgjsQuery extends Promise<Row[]> {
+  execute(): PgjsQuery;
+  cancel(): void;
+}
+
+function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQuery): Conn & { sent: boolean } {
+  const conn = {
+    own,
+    lost,
+    sent: false,
+    async send(statements: readonly Statement[], signal?: AbortSignal) {
+      if (lost.aborted) throw lost.reason;
+      if (signal?.aborted) throw signal.reason;
+      // Issued without awaiting in between: postgres.js writes them in one packet (pipelined).
+      const queries: PgjsQuery[] = [];
+      if (first && !conn.sent) queries.push(first().execute());
+      conn.sent = true;
+      for (const s of statements)
+        queries.push((sql.unsafe as (t: string, p: unknown[]) => PgjsQuery)(s.text, (s.params ?? []) as unknown[]).execute());
+      const cancel = () => {
+        for (const q of queries) q.cancel();
+      };
+      signal?.addEventListener('abort', cancel, { once: true });
+      try {
+        const results = await Promise.allSettled(queries);
+        const failed = results.find((r) => r.status === 'rejected');
+        if (failed) throw lost.aborted && isConnectionLost(failed.reason) ? lost.reason : failed.reason;
+        const rows = results.map((r) => (r as PromiseFulfilledResult<Row[]>).value);
+        return first ? rows.slice(rows.length - statements.length) : rows;
+      } finally {
+        signal?.removeEventListener('abort', cancel);
+      }
+    },
+  };
+  return conn;
+}
+
+interface PgjsConnection {
+  id: number;
+  onclose: ((err: unknown) => void) | null;
+  terminate(): void;
+}
+
+interface Pinned {
+  /** The reserved handle, guarded: it refuses statements once the connection is lost. */
+  sql: Fn;
+  raw: Fn;
+  lost: AbortSignal;
+  /** First statement to send on this connection; it captures the driver connection object. */
+  capture(text: string): PgjsQuery;
+  /** Return the connection to the pool (or drop it, when `poisoned` or lost). */
+  release(poisoned?: boolean): void;
+}
+
+/**
+ * Reserve a postgres.js connection whose death pgcoord observes. The first statement must be sent
+ * through `capture()` (parameterless, so postgres.js calls `onexecute` for it).
+ */
+export async function pinPgjs(sql: Fn): Promise<Pinned> {
+  const raw = (await (sql.reserve as () => Promise<Fn>)()) as Fn;
+  const controller = new AbortController();
+  let connection: PgjsConnection | undefined;
+  let released = false;
+  const onclose = (err: unknown) => {
+    controller.abort(new ConnectionLostError(undefined, { cause: err }));
+  };
+  const guard = () => {
+    if (controller.signal.aborted) throw controller.signal.reason;
+    if (released) throw new ConnectionLostError('this pgcoord transaction handle is no longer usable: its transaction has ended');
+  };
+  const guarded = new Proxy(raw, {
+    apply(target, self, args) {
+      guard();
+      return Reflect.apply(target, self, args);
+    },
+    get(target, prop) {
+      const value = Reflect.get(target, prop);
+      if (prop === 'unsafe' || prop === 'file') {
+        return (...args: unknown[]) => {
+          guard();
+          return (value as Fn).apply(target, args);
+        };
+      }
+      if (prop === 'release' || prop === 'reserve' || prop === 'end' || prop === 'begin') return undefined;
+      return value;
+    },
+  }) as Fn;
+  return {
+    sql: guarded,
+    raw,
+    lost: controller.signal,
+    capture(text) {
+      const onexecute = (c: PgjsConnection) => {
+        connection = c;
+        c.onclose = onclose;
+        return true; // "ready for more": lets the next statements pipeline behind this one
+      };
+      return (raw.unsafe as (t: string, p: unknown[], o: object) => PgjsQuery)(text, [], { onexecute });
+    },
+    release(poisoned = false) {
+      if (released) return;
+      released = true;
+      if (controller.signal.aborted) return; // the pool already took the dead connection back
+      if (connection?.onclose === onclose) connection.onclose = null;
+      if (poisoned && connection) connection.terminate();
+      else (raw.release as () => void)();
+    },
+  };
+}
+
+async function pgjsOwn<T>(sql: Fn, begin: string, drizzleDb: AnyObj | undefined, body: (s: Scope<unknown>) => Promise<T>): Promise<T> {
+  const pin = await pinPgjs(sql);
+  const conn = pgjsConn(pin.raw, true, pin.lost, () => pin.capture(begin));
+  const withSavepoint = savepointable(pin.sql, conn);
+  const scope: Scope<unknown> = {
+    conn,
+    call: (fn) => (drizzleDb ? drizzlePgjsTx(drizzleDb, withSavepoint, fn) : Promise.resolve(fn(withSavepoint))),
+  };
+  return finish(
+    conn,
+    body(scope),
+    (text) => (pin.raw.unsafe as (t: string) => Promise<unknown>)(text),
+    (poisoned) => pin.release(poisoned),
+  );
+}
+
+// The handle a postgres.js caller gets inside pgcoord's transaction: the guarded reserved
+// connection plus `savepoint()`, so it reads like an `sql.begin` handle.
+function savepointable(guarded: Fn, conn: Conn): Fn {
+  let n = 0;
+  const savepoint = async (nameOrFn: unknown, maybeFn?: unknown) => {
+    const fn = (typeof nameOrFn === 'function' ? nameOrFn : maybeFn) as (h: Fn) => unknown;
+    const name = `pgcoord_sp${++n}`;
+    await conn.send([{ text: `savepoint ${name}` }]);
+    try {
+      const result = await fn(handle);
+      await conn.send([{ text: `release savepoint ${name}` }]);
+      return result;
+    } catch (err) {
+      if (!conn.lost.aborted) await conn.send([{ text: `rollback to savepoint ${name}` }]);
+      throw err;
+    }
+  };
+  const handle = new Proxy(guarded, {
+    get(target, prop) {
+      return prop === 'savepoint' ? savepoint : Reflect.get(target, prop);
+    },
+  }) as Fn;
+  return handle;
+}
+
+// A drizzle tx over pgcoord's own postgres.js transaction. drizzle's PostgresJsSession.transaction
+// calls `this.client.begin(cb)` and builds the tx from the handle cb receives; a session whose
+// client "begins" by handing over our already-open transaction gives a real drizzle tx, with the
+// user's schema, casing and logger, and no second BEGIN.
+function drizzlePgjsTx<T>(db: AnyObj, handle: Fn, fn: (tx: unknown) => T | Promise<T>): Promise<T> {
+  const session = Object.create(db.session as object) as AnyObj;
+  const begin = async (cb: (h: Fn) => unknown) => cb(handle);
+  session.client = new Proxy(handle, {
+    get: (target, prop) => (prop === 'begin' ? begin : Reflect.get(target, prop)),
+  });
+  return (session.transaction as (cb: (tx: unknown) => Promise<T>) => Promise<T>)(async (tx) => fn(tx));
+}
+
+// ---------------------------------------------------------------- node-postgres
+
+function pgConn(client: AnyObj, own: boolean, lost: AbortSignal, first?: string): Conn & { sent: boolean } {
+  const query = client.query as (text: string, params?: unknown[]) => Promise<{ rows: Row[] }>;
+  const conn = {
+    own,
+    lost,
+    sent: false,
+    async send(statements: readonly Statement[], signal?: AbortSignal) {
+      if (lost.aborted) throw lost.reason;
+      if (signal?.aborted) throw signal.reason;
+      const all = first && !conn.sent ? [{ text: first }, ...statements] : statements;
+      conn.sent = true;
+      const cancel = () => void cancelPg(client);
+      signal?.addEventListener('abort', cancel, { once: true });
+      try {
+        // A client created with `pipeline: true` pipelines statements issued without awaiting;
+        // otherwise pg wants one at a time (it deprecates queueing).
+        const results = client.pipeline
+          ? await Promise.allSettled(all.map((s) => query.call(client, s.text, s.params as unknown[] | undefined)))
+          : await sequential(all, (s) => query.call(client, s.text, s.params as unknown[] | undefined));
+        const failed = results.find((r) => r.status === 'rejected');
+        if (failed) throw lost.aborted && isConnectionLost(failed.reason) ? lost.reason : failed.reason;
+        const rows = results.map((r) => (r as PromiseFulfilledResult<{ rows: Row[] }>).value.rows);
+        return rows.slice(rows.length - statements.length);
+      } finally {
+        signal?.removeEventListener('abort', cancel);
+      }
+    },
+  };
+  return conn;
+}
+
+async function sequential<S, R>(items: readonly S[], fn: (s: S) => Promise<R>): Promise<PromiseSettledResult<R>[]> {
+  const out: PromiseSettledResult<R>[] = [];
+  for (const item of items) {
+    try {
+      out.push({ status: 'fulfilled', value: await fn(item) });
+    } catch (reason) {
+      out.push({ status: 'rejected', reason });
+      break;
+    }
+  }
+  return out;
+}
+
+// node-postgres has no cancel on the client itself: a second connection sends the CancelRequest
+// for the running query (its backend pid and secret key), as pg's own Client#cancel does.
+async function cancelPg(client: AnyObj): Promise<void> {
+  const active = client.activeQuery;
+  if (!active) return;
+  const Ctor = client.constructor as new (config: unknown) => AnyObj;
+  const canceller = new Ctor(client.connectionParameters);
+  (canceller.on as (e: string, f: () => void) => void)('error', () => {});
+  (canceller.cancel as (c: unknown, q: unknown) => void)(client, active);
+  setTimeout(() => (canceller.connection as { end(): void } | undefined)?.end(), 2000).unref();
+}
+
+async function pgOwn<T>(k: Kind & { kind: 'pg-pool' | 'pg-client' }, begin: string, body: (s: Scope<unknown>) => Promise<T>): Promise<T> {
+  const pooled = k.kind === 'pg-pool';
+  const client = pooled ? ((await (k.pool.connect as () => Promise<AnyObj>).call(k.pool)) as AnyObj) : k.client;
+  const controller = new AbortController();
+  const onError = (err: unknown) => controller.abort(new ConnectionLostError(undefined, { cause: err }));
+  const on = client.on as (e: string, f: (err?: unknown) => void) => void;
+  const off = client.off as (e: string, f: (err?: unknown) => void) => void;
+  // pg emits 'error' on an idle client whose connection dies; without a listener Node would throw.
+  on.call(client, 'error', onError);
+  on.call(client, 'end', onError);
+  const conn = pgConn(client, true, controller.signal, begin);
+  const scope: Scope<unknown> = {
+    conn,
+    call: async (fn) => (k.drizzle ? drizzlePgTx(k.drizzle, client, fn) : fn(client)),
+  };
+  const query = client.query as (text: string) => Promise<unknown>;
+  return finish(
+    conn,
+    body(scope),
+    (text) => query.call(client, text),
+    (poisoned) => {
+      off.call(client, 'error', onError);
+      off.call(client, 'end', onError);
+      if (controller.signal.aborted || poisoned) {
+        if (pooled) (client.release as (e: unknown) => void)(new Error('pgcoord: connection dropped'));
+      } else if (pooled) (client.release as () => void)();
+    },
+  );
+}
+
+async function drizzlePgTx<T>(db: AnyObj, client: AnyObj, fn: (tx: unknown) => T | Promise<T>): Promise<T> {
+  const { NodePgSession, NodePgTransaction } = (await import('drizzle-orm/node-postgres')) as unknown as Record<
+    string,
+    new (
+      ...a: unknown[]
+    ) => unknown
+  >;
+  const schema = (db._ as AnyObj | undefined)?.schema;
+  const session = new (NodePgSession as new (...a: unknown[]) => unknown)(client, db.dialect, schema, (db.session as AnyObj).options);
+  const tx = new (NodePgTransaction as new (...a: unknown[]) => unknown)(db.dialect, session, schema);
+  return fn(tx);
+}
+
+// ---------------------------------------------------------------- shared lifecycle
+
+// Commit or roll back pgcoord's own transaction. Never a statement on a connection known to be
+// dead; a commit whose answer is lost with the connection is reported as unknown, not as failed.
+async function finish<T>(
+  conn: Conn & { sent: boolean },
+  work: Promise<T>,
+  run: (text: string) => Promise<unknown>,
+  release: (poisoned: boolean) => void,
+): Promise<T> {
+  let result: T;
+  try {
+    result = await work;
+  } catch (err) {
+    if (conn.lost.aborted) {
+      release(true);
+      throw isConnectionLost(err) ? conn.lost.reason : err;
+    }
+    let poisoned = false;
+    if (conn.sent) {
+      try {
+        await run('rollback');
+      } catch {
+        poisoned = true; // the rollback's fate is unknown: drop the connection rather than reuse it
+      }
+    }
+    release(poisoned);
+    throw err;
+  }
+  if (!conn.sent) {
+    release(false);
+    return result;
+  }
+  if (conn.lost.aborted) {
+    release(true);
+    throw conn.lost.reason;
+  }
+  try {
+    await run('commit');
+  } catch (err) {
+    release(true);
+    if (isConnectionLost(err) || conn.lost.aborted) {
+      throw new CommitUnknownError({ cause: err });
+    }
+    throw err; // e.g. a deferred constraint or serialization failure at commit: rolled back
+  }
+  release(false);
+  return result;
+}

@@ -1,0 +1,112 @@
+// Shared test setup: a database of its own per test file, and every runner kind pgcoord accepts,
+// so one case suite runs through all of them.
+import { drizzle as drizzlePg } from 'drizzle-orm/node-postgres';
+import { drizzle as drizzlePgjs } from 'drizzle-orm/postgres-js';
+import pg from 'pg';
+import postgres from 'postgres';
+import { afterAll, inject } from 'vitest';
+import { createTestDatabase, type TestDatabase } from '../src/testing/index.js';
+
+declare module 'vitest' {
+  export interface ProvidedContext {
+    databaseUrl: string;
+  }
+}
+
+/** A runner kind under test: `use` runs `fn` with a fresh runner of that kind (a caller's transaction for the tx kinds). */
+export interface RunnerKind {
+  name: string;
+  /** True when the runner is a caller's transaction (locks last until it commits). */
+  inTx: boolean;
+  use<T>(fn: (runner: object) => Promise<T>): Promise<T>;
+}
+
+export interface TestDb {
+  url: string;
+  /** postgres.js pool on the test database. */
+  sql: postgres.Sql;
+  /** node-postgres pool on the test database. */
+  pool: pg.Pool;
+  runners: RunnerKind[];
+  /** A new postgres.js pool (closed with the file). */
+  newSql(options?: postgres.Options<Record<string, postgres.PostgresType>>): postgres.Sql;
+  /** A new pg pool (closed with the file). */
+  newPool(options?: pg.PoolConfig): pg.Pool;
+}
+
+/**
+ * Create this file's database and pools; everything is closed and dropped after the file.
+ * Call at module top level: `const db = await useTestDb()`.
+ */
+export async function useTestDb(max = 12): Promise<TestDb> {
+  const database: TestDatabase = await createTestDatabase(inject('databaseUrl'));
+  const sqls: postgres.Sql[] = [];
+  const pools: pg.Pool[] = [];
+  const newSql = (options: postgres.Options<Record<string, postgres.PostgresType>> = {}) => {
+    const s = postgres(database.url, { max, onnotice: () => {}, ...options });
+    sqls.push(s);
+    return s;
+  };
+  const newPool = (options: pg.PoolConfig = {}) => {
+    const p = new pg.Pool({ connectionString: database.url, max, ...options });
+    p.on('error', () => {}); // idle clients killed by fault tests
+    pools.push(p);
+    return p;
+  };
+  const sql = newSql();
+  const pool = newPool();
+  const dz = drizzlePgjs(sql);
+  const dzPg = drizzlePg(pool);
+  const runners: RunnerKind[] = [
+    { name: 'postgres.js sql', inTx: false, use: (fn) => fn(sql) },
+    { name: 'postgres.js tx', inTx: true, use: (fn) => sql.begin((tx) => fn(tx)) as Promise<never> },
+    { name: 'drizzle postgres-js db', inTx: false, use: (fn) => fn(dz) },
+    { name: 'drizzle postgres-js tx', inTx: true, use: (fn) => dz.transaction((tx) => fn(tx)) },
+    { name: 'pg Pool', inTx: false, use: (fn) => fn(pool) },
+    {
+      name: 'pg PoolClient in tx',
+      inTx: true,
+      async use(fn) {
+        const client = await pool.connect();
+        try {
+          await client.query('begin');
+          const out = await fn(client);
+          await client.query('commit');
+          return out;
+        } catch (err) {
+          await client.query('rollback').catch(() => {});
+          throw err;
+        } finally {
+          client.release();
+        }
+      },
+    },
+    { name: 'drizzle node-postgres db', inTx: false, use: (fn) => fn(dzPg) },
+    { name: 'drizzle node-postgres tx', inTx: true, use: (fn) => dzPg.transaction((tx) => fn(tx)) },
+  ];
+  afterAll(async () => {
+    await Promise.all([...sqls.map((s) => s.end({ timeout: 1 })), ...pools.map((p) => p.end())]);
+    await database.drop();
+  });
+  return { url: database.url, sql, pool, runners, newSql, newPool };
+}
+
+/** Run a query through whatever handle a pgcoord callback received (postgres.js tx, pg client, drizzle tx). */
+export async function q(handle: unknown, text: string, params: unknown[] = []): Promise<Record<string, unknown>[]> {
+  const h = handle as Record<string, unknown> & ((...a: unknown[]) => unknown);
+  if (typeof h === 'function' && typeof h.unsafe === 'function')
+    return (await (h.unsafe as (t: string, p: unknown[]) => Promise<Record<string, unknown>[]>)(text, params)) as Record<string, unknown>[];
+  if (typeof h.execute === 'function' && typeof h.select === 'function') {
+    const { sql } = await import('drizzle-orm');
+    // drizzle: inline $n parameters through sql.param so the driver binds them
+    const parts = text.split(/\$(\d+)/);
+    const chunks = parts.map((p, i) => (i % 2 === 0 ? sql.raw(p) : sql`${params[Number(p) - 1]}`));
+    const res = await (h.execute as (s: unknown) => Promise<unknown>)(sql.join(chunks, sql.raw('')));
+    return Array.isArray(res) ? (res as Record<string, unknown>[]) : ((res as { rows?: Record<string, unknown>[] }).rows ?? []);
+  }
+  if (typeof h.query === 'function')
+    return (await (h.query as (t: string, p: unknown[]) => Promise<{ rows: Record<string, unknown>[] }>)(text, params)).rows;
+  throw new Error('unknown handle');
+}
+
+export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
