@@ -114,26 +114,30 @@ async function lockInTransaction(conn: Conn, req: LockRequest): Promise<boolean>
   const fn = `pg${tryOnly ? '_try' : ''}_advisory_xact_lock${req.shared ? '_shared' : ''}`;
   const locks = lockStatements(req, fn);
   const timed = req.timeoutMs !== undefined && req.timeoutMs > 0 ? timeoutStatements(req.timeoutMs) : undefined;
-  const guarded = !conn.own && (req.timeoutMs !== undefined || req.signal !== undefined);
-  const statements: Statement[] = [
-    ...(guarded ? [{ text: 'savepoint pgcoord_lock' }] : []),
-    ...(timed ? [timed.before] : []),
-    ...locks,
-    ...(timed ? [timed.after] : []),
-  ];
-  let rows: Record<string, unknown>[][];
+  const statements: Statement[] = [...(timed ? [timed.before] : []), ...locks, ...(timed ? [timed.after] : [])];
+  const attempt = async (c: Conn) => {
+    let rows: Record<string, unknown>[][];
+    try {
+      rows = await c.send(statements, req.signal);
+    } catch (err) {
+      throw lockError(err, req);
+    }
+    const first = timed ? 1 : 0;
+    if (rows.slice(first, first + locks.length).some((r) => r[0]?.ok === 'false')) throw notFree;
+  };
   try {
-    rows = await conn.send(statements, req.signal);
+    // In a caller's transaction, an attempt that may fail on purpose runs under a savepoint.
+    if (!conn.own && (req.timeoutMs !== undefined || req.signal !== undefined)) await conn.savepoint(attempt);
+    else await attempt(conn);
+    return true;
   } catch (err) {
-    if (guarded && !conn.lost.aborted)
-      await conn.send([{ text: 'rollback to savepoint pgcoord_lock' }, { text: 'release savepoint pgcoord_lock' }]);
-    throw lockError(err, req);
+    if (err === notFree) return false;
+    throw err;
   }
-  const first = (guarded ? 1 : 0) + (timed ? 1 : 0);
-  const ok = rows.slice(first, first + locks.length).every((r) => r[0]?.ok !== 'false');
-  if (guarded) await conn.send([{ text: ok ? 'release savepoint pgcoord_lock' : 'rollback to savepoint pgcoord_lock' }]);
-  return ok;
 }
+
+// Thrown inside the savepoint so a partial multi-key try is rolled back; never escapes.
+const notFree = new Error('pgcoord: lock not free');
 
 type Acquired<T> = { acquired: true; value: T } | { acquired: false };
 

@@ -27,4 +27,5 @@ export {
   lockKey,
   lockKeys,
 } from './keys.js';
+export { acquireSessionLock, type SessionLock, type SessionLockOptions, tryAcquireSessionLock } from './session-lock.js';
 export { type Isolation, type Runner, type TransactionOptions, transaction } from './transaction.js';

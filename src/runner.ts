@@ -50,6 +50,11 @@ export interface Conn {
   readonly lost: AbortSignal;
   /** True when pgcoord opened this transaction (false when it joined the caller's). */
   readonly own: boolean;
+  /**
+   * Run `fn` under a savepoint: if it throws, everything it did (statements, locks, settings) is
+   * rolled back and the transaction stays usable.
+   */
+  savepoint<T>(fn: (conn: Conn) => Promise<T>): Promise<T>;
 }
 
 /** The transaction handed to pgcoord code: its own connection view and a way to call user code. */
@@ -158,6 +163,33 @@ function joined<H>(conn: Conn, handle: unknown): Scope<H> {
   return { conn, call: async (fn) => fn(handle as H) };
 }
 
+let savepoints = 0;
+
+// A savepoint in plain SQL. The SAVEPOINT statement rides in the same round trip as the first
+// statements of `fn`.
+async function sqlSavepoint<T>(conn: Conn, fn: (conn: Conn) => Promise<T>): Promise<T> {
+  const name = `pgcoord_sp${++savepoints}`;
+  let opened = false;
+  const inner: Conn = {
+    own: false,
+    lost: conn.lost,
+    savepoint: (f) => sqlSavepoint(inner, f),
+    async send(statements, signal) {
+      if (opened) return conn.send(statements, signal);
+      opened = true;
+      return (await conn.send([{ text: `savepoint ${name}` }, ...statements], signal)).slice(1);
+    },
+  };
+  try {
+    const result = await fn(inner);
+    if (opened) await conn.send([{ text: `release savepoint ${name}` }]);
+    return result;
+  } catch (err) {
+    if (opened && !conn.lost.aborted) await conn.send([{ text: `rollback to savepoint ${name}` }, { text: `release savepoint ${name}` }]);
+    throw err;
+  }
+}
+
 // ---------------------------------------------------------------- postgres.js
 
 interface PgjsQuery extends Promise<Row[]> {
@@ -166,10 +198,16 @@ interface PgjsQuery extends Promise<Row[]> {
 }
 
 function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQuery): Conn & { sent: boolean } {
-  const conn = {
+  const conn: Conn & { sent: boolean } = {
     own,
     lost,
     sent: false,
+    // In a caller's sql.begin, postgres.js remembers any failed statement and rethrows it when the
+    // callback ends, even if it was handled: a recoverable failure must go through its savepoint().
+    savepoint:
+      typeof sql.savepoint === 'function' && !own
+        ? (fn) => (sql.savepoint as (f: (sp: Fn) => Promise<unknown>) => Promise<never>)((sp) => fn(pgjsConn(sp, false, lost)))
+        : (fn) => sqlSavepoint(conn, fn),
     async send(statements: readonly Statement[], signal?: AbortSignal) {
       if (lost.aborted) throw lost.reason;
       if (signal?.aborted) throw signal.reason;
@@ -328,10 +366,11 @@ function drizzlePgjsTx<T>(db: AnyObj, handle: Fn, fn: (tx: unknown) => T | Promi
 
 function pgConn(client: AnyObj, own: boolean, lost: AbortSignal, first?: string): Conn & { sent: boolean } {
   const query = client.query as (text: string, params?: unknown[]) => Promise<{ rows: Row[] }>;
-  const conn = {
+  const conn: Conn & { sent: boolean } = {
     own,
     lost,
     sent: false,
+    savepoint: (fn) => sqlSavepoint(conn, fn),
     async send(statements: readonly Statement[], signal?: AbortSignal) {
       if (lost.aborted) throw lost.reason;
       if (signal?.aborted) throw signal.reason;
@@ -473,4 +512,61 @@ async function finish<T>(
   }
   release(false);
   return result;
+}
+
+// ---------------------------------------------------------------- pinned connections
+
+/** A connection taken out of the pool for work that outlives a transaction (session locks). */
+export interface PinnedConn {
+  /** Statements outside any transaction (autocommit), pipelined where the driver can. */
+  conn: Conn;
+  /** Backend pid seen when the connection was pinned. */
+  pid: number;
+  /** Aborted the moment pgcoord sees the connection die. */
+  lost: AbortSignal;
+  /** Give the connection back; `poisoned` closes it instead (it may still hold something). */
+  release(poisoned?: boolean): void;
+}
+
+/**
+ * Pin one connection of a pool (postgres.js `sql`, pg `Pool`, or a drizzle db over either) and
+ * learn its backend pid. Transactions and single clients are refused: pinning needs a pool.
+ */
+export async function pinConnection(runner: Runner): Promise<PinnedConn> {
+  const k = classify(runner);
+  if (k.kind === 'pgjs-pool') {
+    const pin = await pinPgjs(k.sql);
+    const [row] = (await pin.capture('select pg_backend_pid()::int as pid')) as Row[];
+    return { conn: pgjsConn(pin.raw, false, pin.lost), pid: Number(row?.pid), lost: pin.lost, release: pin.release };
+  }
+  if (k.kind === 'pg-pool') {
+    const client = (await (k.pool.connect as () => Promise<AnyObj>).call(k.pool)) as AnyObj;
+    const controller = new AbortController();
+    const onError = (err?: unknown) => controller.abort(new ConnectionLostError(undefined, { cause: err }));
+    const on = client.on as (e: string, f: (err?: unknown) => void) => void;
+    const off = client.off as (e: string, f: (err?: unknown) => void) => void;
+    on.call(client, 'error', onError);
+    on.call(client, 'end', onError);
+    const conn = pgConn(client, false, controller.signal);
+    let released = false;
+    const release = (poisoned = false) => {
+      if (released) return;
+      released = true;
+      off.call(client, 'error', onError);
+      off.call(client, 'end', onError);
+      (client.release as (e?: unknown) => void)(
+        poisoned || controller.signal.aborted ? new Error('pgcoord: connection dropped') : undefined,
+      );
+    };
+    try {
+      const [[row]] = (await conn.send([{ text: 'select pg_backend_pid()::int as pid' }])) as [Row[]];
+      return { conn, pid: Number(row?.pid), lost: controller.signal, release };
+    } catch (err) {
+      release(true);
+      throw err;
+    }
+  }
+  throw new UnsupportedRunnerError(
+    'session locks pin their own connection: pass a pool (postgres.js sql, pg Pool or a drizzle db), not a transaction or a single client',
+  );
 }

@@ -55,7 +55,9 @@ export async function useTestDb(max = 12): Promise<TestDb> {
   };
   const sql = newSql();
   const pool = newPool();
-  const dz = drizzlePgjs(sql);
+  // drizzle's postgres-js driver rewrites its client's date parsers: give it a pool of its own so
+  // db.sql keeps postgres.js defaults.
+  const dz = drizzlePgjs(newSql());
   const dzPg = drizzlePg(pool);
   const runners: RunnerKind[] = [
     { name: 'postgres.js sql', inTx: false, use: (fn) => fn(sql) },
