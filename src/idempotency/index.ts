@@ -1,0 +1,32 @@
+export {
+  FinalFailure,
+  IdempotencyBodyInvalidError,
+  IdempotencyBodyTooLargeError,
+  IdempotencyError,
+  IdempotencyInFlightError,
+  IdempotencyKeyInvalidError,
+  IdempotencyKeyMissingError,
+  IdempotencyLeaseLostError,
+  IdempotencyMigrationError,
+  IdempotencyMismatchError,
+  IdempotencyNotMigratedError,
+  IdempotencyResponseNotStorableError,
+  IdempotencyScopeRequiredError,
+  IdempotentFailureError,
+} from './errors.js';
+export { canonicalJson, FINGERPRINT_VERSION, fingerprintOf, phaseKey, type RequestIdentity, requestFingerprint } from './fingerprint.js';
+export { idempotencyMigrations, idempotencySql, type MigrateOptions, type MigrateResult, type Migration, migrate } from './migrate.js';
+export { type PurgeOptions, type PurgeResult, purgeExpired } from './purge.js';
+export {
+  beginIdempotent,
+  type IdempotencyMode,
+  type IdempotencyOptions,
+  type IdempotentAttempt,
+  type IdempotentContext,
+  type IdempotentResult,
+  idempotent,
+  type PhaseContext,
+  type Start,
+  type StoredResponse,
+} from './run.js';
+export { type IdempotencyState, type IdempotencyTable, type IdempotencyTableNames, idempotencyKeys, idempotencyTable } from './schema.js';
