@@ -1,0 +1,108 @@
+// Command-line options of `npm run bench`.
+import { parseArgs } from 'node:util';
+
+/** Everything a run can be told. */
+export interface BenchOptions {
+  quick: boolean;
+  clients: number;
+  /** Contention levels: number of orders the requests spread over (1 = one hot order). */
+  orders: number[];
+  /** Unique refund requests per strategy and level. */
+  requests: number;
+  /** Time cap per strategy and level, seconds. */
+  seconds: number;
+  gatewayMs: number;
+  duplicates: number;
+  seed: number;
+  maxAttempts: number;
+  /** Only strategies whose id contains one of these. */
+  only: string[];
+  redis: boolean;
+  pgbench: boolean;
+  fault: boolean;
+  json?: string;
+  html?: string;
+  help: boolean;
+}
+
+export const USAGE = `npm run bench -- [options]
+
+  --quick               a few seconds: 8 clients, 1 and 1000 orders, 150 requests (the smoke test's run)
+  --clients N           concurrent clients (default 16)
+  --orders A,B,C        contention levels: orders the requests spread over (default 1,100,10000)
+  --requests N          unique refund requests per strategy and level (default 800)
+  --seconds S           time cap per strategy and level (default 2)
+  --gateway-ms MS       simulated payment-gateway latency inside the critical section (default 1; 0 allowed)
+  --duplicates F        fraction of requests delivered twice, as a retrying client would (default 0.05)
+  --seed N              seed of the request stream (default 42)
+  --max-attempts N      retry cap of the optimistic and SERIALIZABLE strategies (default 100)
+  --only a,b            only strategies whose id contains one of these (e.g. advisory,redis)
+  --no-redis            skip the Redis lock     --no-pgbench   skip pgbench     --no-fault   skip the fault scenario
+  --json FILE           where to write all figures (default bench/results/bench-<date>.json)
+  --html FILE           where to write the HTML report (default next to the JSON)
+
+PostgreSQL: DATABASE_URL if set, else an embedded PostgreSQL started for the run.
+Redis: REDIS_URL if set, else redis://127.0.0.1:6379 (skipped with a note when it does not answer).`;
+
+function positive(name: string, v: string | undefined, fallback: number, allowZero = false): number {
+  if (v === undefined) return fallback;
+  const n = Number(v);
+  if (!Number.isFinite(n) || n < 0 || (!allowZero && n === 0))
+    throw new Error(`--${name} must be a ${allowZero ? 'non-negative' : 'positive'} number, got ${v}`);
+  return n;
+}
+
+/** Parse argv (without node and the script). Throws with a readable message on bad input. */
+export function parseOptions(argv: string[]): BenchOptions {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      quick: { type: 'boolean', default: false },
+      clients: { type: 'string' },
+      orders: { type: 'string' },
+      requests: { type: 'string' },
+      seconds: { type: 'string' },
+      'gateway-ms': { type: 'string' },
+      duplicates: { type: 'string' },
+      seed: { type: 'string' },
+      'max-attempts': { type: 'string' },
+      only: { type: 'string' },
+      'no-redis': { type: 'boolean', default: false },
+      'no-pgbench': { type: 'boolean', default: false },
+      'no-fault': { type: 'boolean', default: false },
+      json: { type: 'string' },
+      html: { type: 'string' },
+      help: { type: 'boolean', short: 'h', default: false },
+    },
+    strict: true,
+    allowPositionals: false,
+  });
+  const quick = values.quick ?? false;
+  const orders = (values.orders ?? (quick ? '1,1000' : '1,100,10000')).split(',').map((s) => positive('orders', s.trim(), 1));
+  if (orders.some((o) => !Number.isInteger(o))) throw new Error('--orders must be integers');
+  const duplicates = positive('duplicates', values.duplicates, quick ? 0.1 : 0.05, true);
+  if (duplicates > 1) throw new Error('--duplicates is a fraction from 0 to 1');
+  return {
+    quick,
+    clients: Math.round(positive('clients', values.clients, quick ? 8 : 16)),
+    orders: [...new Set(orders)].sort((a, b) => a - b),
+    requests: Math.round(positive('requests', values.requests, quick ? 150 : 800)),
+    seconds: positive('seconds', values.seconds, quick ? 1.5 : 2),
+    gatewayMs: positive('gateway-ms', values['gateway-ms'], 1, true),
+    duplicates,
+    seed: Math.round(positive('seed', values.seed, 42, true)),
+    maxAttempts: Math.round(positive('max-attempts', values['max-attempts'], 100)),
+    only: values.only
+      ? values.only
+          .split(',')
+          .map((s) => s.trim())
+          .filter(Boolean)
+      : [],
+    redis: !values['no-redis'],
+    pgbench: !values['no-pgbench'],
+    fault: !values['no-fault'],
+    json: values.json,
+    html: values.html,
+    help: values.help ?? false,
+  };
+}

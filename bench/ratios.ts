@@ -1,0 +1,105 @@
+// Ratios inside one run (the only figures that mean anything on a shared, noisy machine) and the
+// speed targets of ../shared/TARGETS.md, shown as PASS / MISS. A miss never fails the run.
+import type { StrategyResult } from './result.js';
+
+/** One ratio: a / b of successful refunds per second. */
+export interface Ratio {
+  group: 'vs guarded' | 'pgcoord vs hand-written' | 'advisory vs Redis' | 'vs pgbench' | 'hot vs spread';
+  label: string;
+  orders: number | string;
+  a: string;
+  b: string;
+  value: number;
+  /** The target the ratio must reach, when there is one. */
+  target?: number;
+  status?: 'PASS' | 'MISS' | 'n/a';
+}
+
+const find = (rs: readonly StrategyResult[], id: string, orders: number) =>
+  rs.find((r) => r.id === id && r.orders === orders && r.verdict !== 'SKIPPED' && r.refundsPerSec > 0);
+
+function ratio(
+  group: Ratio['group'],
+  label: string,
+  orders: number | string,
+  a: StrategyResult | undefined,
+  b: StrategyResult | undefined,
+  target?: number,
+): Ratio | undefined {
+  if (!a || !b) return undefined;
+  const value = a.refundsPerSec / b.refundsPerSec;
+  return {
+    group,
+    label,
+    orders,
+    a: a.id,
+    b: b.id,
+    value,
+    ...(target !== undefined ? { target, status: value >= target ? 'PASS' : 'MISS' } : {}),
+  };
+}
+
+/** pgcoord may be at most this much slower than the same SQL hand-written (3 %). */
+export const OVERHEAD_TARGET = 0.97;
+
+/** Every ratio of the run. `levels` are the contention levels (orders), hottest first. */
+export function ratios(results: readonly StrategyResult[], levels: readonly number[]): Ratio[] {
+  const out: (Ratio | undefined)[] = [];
+  const hot = Math.min(...levels);
+  const spread = Math.max(...levels);
+  for (const orders of levels) {
+    const guarded = find(results, 'guarded/plain', orders);
+    for (const r of results.filter((x) => x.orders === orders && x.id !== 'guarded/plain'))
+      out.push(ratio('vs guarded', `${r.label} / guarded UPDATE`, orders, r, guarded));
+  }
+  for (const orders of levels) {
+    for (const p of results.filter((x) => x.orders === orders && x.impl === 'pgcoord')) {
+      const same = find(results, `${p.family}/same`, orders);
+      const best = find(results, `${p.family}/best`, orders);
+      out.push(ratio('pgcoord vs hand-written', `${p.label} / same SQL shape, hand-written`, orders, p, same, OVERHEAD_TARGET));
+      out.push(ratio('pgcoord vs hand-written', `${p.label} / best shape, hand-written (target)`, orders, p, best, OVERHEAD_TARGET));
+      const bench = find(results, `pgbench/${p.family}`, orders);
+      out.push(ratio('vs pgbench', `${p.label} / pgbench unpipelined, same SQL`, orders, p, bench, 1.0));
+    }
+  }
+  const advisory = (o: number) => find(results, 'advisory/pgcoord', o);
+  out.push(
+    ratio('advisory vs Redis', 'pgcoord advisory / Redis lock, hot order', hot, advisory(hot), find(results, 'redis/plain', hot), 1.5),
+  );
+  out.push(
+    ratio(
+      'advisory vs Redis',
+      'pgcoord advisory / Redis lock, spread',
+      spread,
+      advisory(spread),
+      find(results, 'redis/plain', spread),
+      1.0,
+    ),
+  );
+  out.push(
+    ratio(
+      'advisory vs Redis',
+      'best-shape advisory / Redis lock, hot order',
+      hot,
+      find(results, 'advisory/best', hot),
+      find(results, 'redis/plain', hot),
+    ),
+  );
+  out.push(
+    ratio(
+      'advisory vs Redis',
+      'best-shape advisory / Redis lock, spread',
+      spread,
+      find(results, 'advisory/best', spread),
+      find(results, 'redis/plain', spread),
+    ),
+  );
+  if (hot !== spread) {
+    const ids = [...new Set(results.map((r) => r.id))];
+    for (const id of ids) {
+      const h = find(results, id, hot);
+      out.push(ratio('hot vs spread', `${h?.label ?? id}: ${hot} / ${spread} orders`, `${hot}/${spread}`, h, find(results, id, spread)));
+    }
+  }
+  return out.filter((r): r is Ratio => r !== undefined);
+}

@@ -1,0 +1,152 @@
+// `npm run bench`: the refund storm, every strategy side by side, in one process and one run.
+//
+//   server (DATABASE_URL or embedded) → a database of its own → for each contention level, each
+//   strategy on fresh tables → pgbench scripts → the fault scenario → terminal table, JSON, HTML.
+import { mkdir, writeFile } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import cliProgress from 'cli-progress';
+import { Redis } from 'ioredis';
+import postgres from 'postgres';
+import { createTestDatabase, startTestServer } from '../src/testing/index.js';
+import { type BenchOptions, parseOptions, USAGE } from './args.js';
+import { drive } from './driver.js';
+import { type FaultResult, faultScenario } from './fault.js';
+import { environment } from './machine.js';
+import { findPgbench, pgbenchScripts, runPgbench } from './pgbench.js';
+import { ratios } from './ratios.js';
+import { htmlReport } from './report-html.js';
+import { terminalReport } from './report-terminal.js';
+import type { StrategyResult } from './result.js';
+import { strategies } from './strategies/index.js';
+import { createSchema, makeWorkload, type Scenario } from './workload.js';
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+/** Connect to Redis, or explain why not. */
+async function connectRedis(): Promise<{ redis?: Redis; note?: string; version?: string }> {
+  const url = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+  const redis = new Redis(url, { lazyConnect: true, connectTimeout: 1000, maxRetriesPerRequest: 1, retryStrategy: () => null });
+  redis.on('error', () => {});
+  try {
+    await redis.connect();
+    await redis.ping();
+    const info = await redis.info('server');
+    return { redis, version: /redis_version:(\S+)/.exec(info)?.[1] };
+  } catch (err) {
+    redis.disconnect();
+    return { note: `Redis lock skipped: Redis at ${url} did not answer (${(err as Error).message})` };
+  }
+}
+
+const wanted = (opts: BenchOptions, id: string) => opts.only.length === 0 || opts.only.some((o) => id.includes(o));
+
+/** Run the whole benchmark; returns the process exit code. */
+export async function main(argv: string[]): Promise<number> {
+  let opts: BenchOptions;
+  try {
+    opts = parseOptions(argv);
+  } catch (err) {
+    process.stderr.write(`${(err as Error).message}\n\n${USAGE}\n`);
+    return 2;
+  }
+  if (opts.help) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  const notes: string[] = [];
+  const started = Date.now();
+  const server = await startTestServer();
+  const database = await createTestDatabase(server.url, 'pgcoord_bench');
+  const admin = postgres(database.url, { max: 1, onnotice: () => {} });
+  const { redis, note: redisNote, version: redisVersion } = opts.redis ? await connectRedis() : { note: 'Redis lock skipped (--no-redis)' };
+  if (redisNote) notes.push(redisNote);
+  const pgbench = opts.pgbench ? findPgbench() : undefined;
+  if (!opts.pgbench) notes.push('pgbench skipped (--no-pgbench)');
+  else if (!pgbench) notes.push('pgbench skipped: no pgbench on this machine (set PGBENCH to its path)');
+  try {
+    await createSchema(admin);
+    const env = await environment(admin, server.source);
+    if (redisVersion) env.redis = redisVersion;
+    if (pgbench) env.pgbench = pgbench.version;
+    const chosen = strategies.filter((s) => wanted(opts, s.id) && (!s.needsRedis || redis));
+    const scripts = pgbench ? pgbenchScripts.filter((s) => wanted(opts, s.id)) : [];
+    const total = opts.orders.length * (chosen.length + scripts.length) + (opts.fault ? 1 : 0);
+    const bar = new cliProgress.SingleBar(
+      { stream: process.stderr, format: ' {bar} {value}/{total} | {eta_formatted} left | {task}', hideCursor: true, clearOnComplete: true },
+      cliProgress.Presets.shades_classic,
+    );
+    bar.start(total, 0, { task: 'starting' });
+    const results: StrategyResult[] = [];
+    for (const orders of opts.orders) {
+      const scenario: Scenario = {
+        orders,
+        requests: opts.requests,
+        clients: opts.clients,
+        gatewayMs: opts.gatewayMs,
+        duplicates: opts.duplicates,
+        maxSeconds: opts.seconds,
+        seed: opts.seed,
+      };
+      const work = makeWorkload(scenario);
+      for (const s of chosen) {
+        bar.update({ task: `${orders} orders: ${s.label}` });
+        results.push(await drive(s, work, { url: database.url, redis, maxAttempts: opts.maxAttempts }));
+        bar.increment();
+      }
+      for (const script of scripts) {
+        bar.update({ task: `${orders} orders: ${script.label}` });
+        const r = await runPgbench(pgbench!.path, script, work, database.url, admin, env.machine.cores);
+        if (r.note) notes.push(`${r.label} at ${orders} orders: ${r.note}`);
+        results.push(r);
+        bar.increment();
+      }
+    }
+    let fault: FaultResult | undefined;
+    if (opts.fault) {
+      bar.update({ task: 'fault scenario' });
+      const { countedSql } = await import('./db.js');
+      const { sql } = countedSql(database.url, 4);
+      try {
+        fault = await faultScenario(sql, redis);
+      } finally {
+        await sql.end({ timeout: 1 });
+      }
+      if (fault.note) notes.push(fault.note);
+      bar.increment();
+    }
+    bar.stop();
+    const rs = ratios(results, opts.orders);
+    const seconds = (Date.now() - started) / 1000;
+    notes.push(`run took ${seconds.toFixed(1)} s`);
+    process.stdout.write(`${terminalReport(env, opts.orders, results, rs, fault, notes)}\n`);
+    const stamp = env.date.replace(/[:.]/g, '-');
+    const jsonPath = resolve(opts.json ?? join(here, 'results', `bench-${stamp}.json`));
+    const htmlPath = resolve(opts.html ?? `${jsonPath.replace(/\.json$/, '')}.html`);
+    const { json: _j, html: _h, ...shownOptions } = opts;
+    await mkdir(dirname(jsonPath), { recursive: true });
+    await mkdir(dirname(htmlPath), { recursive: true });
+    await writeFile(
+      jsonPath,
+      JSON.stringify({ environment: env, options: shownOptions, seconds, results, ratios: rs, fault, notes }, null, 2),
+    );
+    await writeFile(htmlPath, htmlReport(env, opts.orders, results, rs, fault, notes, shownOptions));
+    process.stdout.write(`\nJSON: ${jsonPath}\nHTML: ${htmlPath}\n`);
+    return 0;
+  } finally {
+    redis?.disconnect();
+    await admin.end({ timeout: 1 });
+    await database.drop().catch(() => {});
+    await server.stop();
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err) => {
+    process.stderr.write(`bench failed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    process.exitCode = 1;
+  },
+);

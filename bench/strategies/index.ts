@@ -1,0 +1,31 @@
+// The registry: every strategy the benchmark runs, in table order. Adding a strategy = writing one
+// module that exports a `Strategy` and listing it here.
+import { advisoryBegin, advisoryBest, advisorySame } from './advisory.js';
+import { forUpdateBegin, forUpdateBest } from './for-update.js';
+import { guarded } from './guarded.js';
+import { idempotency } from './idempotency.js';
+import { naive } from './naive.js';
+import { optimistic } from './optimistic.js';
+import { pgcoordAdvisory } from './pgcoord-advisory.js';
+import { redisLock } from './redis.js';
+import { serializableBegin, serializableBest } from './serializable.js';
+import type { Strategy } from './types.js';
+
+export type { Family, Impl, Outcome, Strategy, StrategyContext } from './types.js';
+
+/** All in-process strategies, in the order they run and are shown. */
+export const strategies: readonly Strategy[] = [
+  naive,
+  guarded,
+  forUpdateBegin,
+  forUpdateBest,
+  advisoryBegin,
+  advisorySame,
+  advisoryBest,
+  pgcoordAdvisory,
+  optimistic,
+  serializableBegin,
+  serializableBest,
+  idempotency,
+  redisLock,
+];
