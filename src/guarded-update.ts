@@ -1,0 +1,94 @@
+import { AbortedError, InvalidOptionError } from './errors.js';
+import { inTransaction, type Row, type Runner, type TransactionOptions } from './runner.js';
+import { compileTarget, quoteIdent } from './sql-target.js';
+
+/**
+ * A guarded update: `set` is applied to the row with this `key` only if `guard` holds for it.
+ * `set` is a SQL fragment (`'refunded = refunded + $1'`) or column → value; `guard` is a SQL
+ * condition on the row (`'refunded + $1 <= total'`); both use `params` (`$1..$n`). Column names in
+ * `key` and in a `set` object are validated and quoted; the fragments are your SQL, values go in
+ * `params`. `key` must identify at most one row (primary or unique key).
+ */
+export interface GuardedUpdate {
+  table: string;
+  key: Record<string, unknown>;
+  set: string | Record<string, unknown>;
+  guard: string;
+  params?: readonly unknown[];
+}
+
+/** What happened, told apart in the same statement. */
+export type GuardedResult<R = Row> = { status: 'applied'; row: R } | { status: 'guard-failed' } | { status: 'not-found' };
+
+/** Options: transaction options (used when pgcoord opens the transaction) and an AbortSignal. */
+export interface GuardedUpdateOptions extends TransactionOptions {
+  /** Abort to cancel the statement on the server (e.g. while it waits for the row); rejects with {@link AbortedError}. */
+  signal?: AbortSignal;
+}
+
+/**
+ * The one-statement strategy: `UPDATE ... SET ... WHERE key AND guard RETURNING *`, reporting
+ * `applied` (with the new row), `guard-failed` (the row exists, the guard is false) or
+ * `not-found`, without a second statement and so without a window between the update and the
+ * check.
+ *
+ * @example
+ * const r = await guardedUpdate(sql, {
+ *   table: 'orders', key: { id }, set: 'refunded = refunded + $1', guard: 'refunded + $1 <= total', params: [amount],
+ * });
+ * if (r.status === 'applied') console.log(r.row.refunded);
+ */
+export async function guardedUpdate<R extends Record<string, unknown> = Row>(
+  runner: Runner,
+  update: GuardedUpdate,
+  options: GuardedUpdateOptions = {},
+): Promise<GuardedResult<R>> {
+  if (update === null || typeof update !== 'object') throw new InvalidOptionError('update must be an object');
+  const { set, guard, params = [] } = update;
+  if (typeof guard !== 'string' || !guard.trim()) throw new InvalidOptionError('guard must be a non-empty SQL condition');
+  if (!Array.isArray(params)) throw new InvalidOptionError('params must be an array');
+  if (options === null || typeof options !== 'object') throw new InvalidOptionError('options must be an object');
+  const { signal } = options;
+  if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidOptionError('signal must be an AbortSignal');
+  // user params keep their numbers; key (and set object) values are appended after them
+  const t = compileTarget({ table: update.table, key: update.key, where: { text: 'true', params } }, { requireKey: true });
+  let setText: string;
+  if (typeof set === 'string' && set.trim()) setText = set;
+  else if (set !== null && typeof set === 'object' && !Array.isArray(set) && Object.keys(set).length > 0)
+    setText = Object.entries(set)
+      .map(([column, value]) => `${quoteIdent(column)} = ${t.params.add(value)}`)
+      .join(', ');
+  else throw new InvalidOptionError('set must be a non-empty SQL fragment or an object of column → value');
+
+  // Why one statement is enough and safe (READ COMMITTED):
+  // - pgcoord_r locks the row (FOR NO KEY UPDATE, what a plain UPDATE of non-key columns takes) and
+  //   evaluates the guard on it. If another transaction holds the row, it waits; then it follows the
+  //   row to its newest committed version and evaluates the guard there; a row deleted meanwhile
+  //   drops out, so "not found" is the truth at the moment we hold the lock.
+  // - pgcoord_u joins pgcoord_r, so it can only update once pgcoord_r has run. It updates the same
+  //   row, now locked by us (if its snapshot version is stale, Postgres re-checks the newest version
+  //   under our lock, the one the guard was evaluated on), and the SET expressions see that version.
+  // - The outer select reports the updated row (pgcoord_applied) and how many rows pgcoord_r saw:
+  //   0 = not found, else guard failed. Both come from the same locked version; no other statement
+  //   can slip between the check and the write. Under REPEATABLE READ / SERIALIZABLE a row changed
+  //   since the snapshot fails with 40001 instead (retryable).
+  const text = `with pgcoord_r as (select (${guard}) as pgcoord_ok from ${t.table} where ${t.where} for no key update),
+pgcoord_u as (update ${t.table} set ${setText} from pgcoord_r where ${t.where} and pgcoord_r.pgcoord_ok returning ${t.table}.*, true as pgcoord_applied)
+select (select count(*) from pgcoord_r)::int as pgcoord_found, pgcoord_u.* from (values (1)) as pgcoord_d (x) left join pgcoord_u on true`;
+
+  return inTransaction(runner, options, async (scope) => {
+    let rows: Row[];
+    try {
+      [rows = []] = await scope.conn.send([{ text, params: t.params.values }], signal);
+    } catch (err) {
+      if (signal?.aborted) throw new AbortedError(`guarded update of ${t.label} was aborted`, { cause: err });
+      throw err;
+    }
+    const first = rows[0];
+    if (first?.pgcoord_applied === true) {
+      const { pgcoord_found: _found, pgcoord_applied: _applied, ...row } = first;
+      return { status: 'applied', row: row as R };
+    }
+    return Number(first?.pgcoord_found ?? 0) > 0 ? { status: 'guard-failed' } : { status: 'not-found' };
+  });
+}
