@@ -14,7 +14,18 @@ export {
   IdempotencyScopeRequiredError,
   IdempotentFailureError,
 } from './errors.js';
+export { idempotencyExpress } from './express.js';
+export { idempotencyFastify } from './fastify.js';
 export { canonicalJson, FINGERPRINT_VERSION, fingerprintOf, phaseKey, type RequestIdentity, requestFingerprint } from './fingerprint.js';
+export { type IdempotencyVariables, idempotencyHono } from './hono.js';
+export {
+  DEFAULT_REPLAY_HEADERS,
+  defaultStore,
+  type HttpIdempotencyOptions,
+  parseIdempotencyKey,
+  problemResponse,
+  replayResponse,
+} from './http.js';
 export { idempotencyMigrations, idempotencySql, type MigrateOptions, type MigrateResult, type Migration, migrate } from './migrate.js';
 export { type PurgeOptions, type PurgeResult, purgeExpired } from './purge.js';
 export {

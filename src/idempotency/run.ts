@@ -280,7 +280,7 @@ from ${t} where scope = $1 and key = $2 and not exists (select 1 from claimed)`,
     // Sent last in the phase's own transaction, after the phase's statements: it commits the phase's
     // writes and its recovery point together, and only if this attempt still holds the lease (zero
     // rows: the lease was lost and the transaction is rolled back). It also renews the lease.
-    phase: `update ${t} set recovery_point = $4, recovery_data = recovery_data || jsonb_build_object($4::text, $5::jsonb),
+    phase: `update ${t} set recovery_point = $4, recovery_data = recovery_data || jsonb_build_object($4::text, $5::text::jsonb),
   lease_expires_at = clock_timestamp() + $6::int8 * interval '1 millisecond',
   expires_at = greatest(expires_at, clock_timestamp() + $6::int8 * interval '1 millisecond'),
   updated_at = clock_timestamp()
@@ -294,7 +294,7 @@ where scope = $1 and key = $2 and lease_token = $3::uuid and state = 'running' r
     // Completed rows are immutable: no statement here matches state = 'completed' (only a claim of
     // a row past its retention replaces one), and the lease token is cleared so nothing fenced by
     // it can match again.
-    complete: `update ${t} set state = 'completed', response_status = $4::int2, response_headers = $5::jsonb, response_body = $6::bytea,
+    complete: `update ${t} set state = 'completed', response_status = $4::int2, response_headers = $5::text::jsonb, response_body = $6::bytea,
   lease_token = null, lease_expires_at = null, updated_at = clock_timestamp(),
   expires_at = clock_timestamp() + $7::int8 * interval '1 millisecond'
 where scope = $1 and key = $2 and lease_token = $3::uuid and state = 'running' returning attempts`,
