@@ -217,8 +217,18 @@ function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQu
       conn.sent = true;
       for (const s of statements)
         queries.push((sql.unsafe as (t: string, p: unknown[]) => PgjsQuery)(s.text, (s.params ?? []) as unknown[]).execute());
+      // Cancel only the earliest statement still running or queued: a Postgres cancel hits
+      // whatever the backend runs when it arrives, so cancelling later (fast) statements of the
+      // pipeline could land on the next unrelated statement. Once the blocking one fails, the
+      // transaction is aborted and the rest fail fast.
+      const settled = new Set<PgjsQuery>();
+      for (const q of queries)
+        q.then(
+          () => settled.add(q),
+          () => settled.add(q),
+        );
       const cancel = () => {
-        for (const q of queries) q.cancel();
+        queries.find((q) => !settled.has(q))?.cancel();
       };
       signal?.addEventListener('abort', cancel, { once: true });
       try {
@@ -478,9 +488,11 @@ async function finish<T>(
   try {
     result = await work;
   } catch (err) {
-    if (conn.lost.aborted) {
+    // A dead connection is never written to again: no ROLLBACK (the server rolls back when the
+    // session ends), and the connection is dropped, not returned to the pool.
+    if (conn.lost.aborted || isConnectionLost(err)) {
       release(true);
-      throw isConnectionLost(err) ? conn.lost.reason : err;
+      throw conn.lost.aborted ? conn.lost.reason : new ConnectionLostError(undefined, { cause: err });
     }
     let poisoned = false;
     if (conn.sent) {

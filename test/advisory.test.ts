@@ -144,10 +144,12 @@ describe('modes', () => {
     expect(err).toBeInstanceOf(AbortedError);
     expect(err.code).toBe('PGCOORD_ABORTED');
     expect(performance.now() - t0).toBeLessThan(700);
-    const waiting = await db.sql`select count(*)::int as n from pg_locks where locktype = 'advisory' and not granted`;
+    const waiting =
+      await db.sql`select count(*)::int as n from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database()) and not granted`;
     expect(waiting[0]!.n).toBe(0);
     await h.done;
-    const left = await db.sql`select count(*)::int as n from pg_locks where locktype = 'advisory'`;
+    const left =
+      await db.sql`select count(*)::int as n from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database())`;
     expect(left[0]!.n).toBe(0);
     // postgres.js too
     const h2 = hold('abortable', 500);
@@ -186,7 +188,8 @@ describe('modes', () => {
     const h = hold('kb', 300);
     await h.inside;
     expect(await tryWithLock(db.sql, ['ka', 'kb', 'kc'], () => 1)).toEqual({ acquired: false });
-    const held = await db.sql`select count(*)::int as n from pg_locks where locktype = 'advisory' and granted`;
+    const held =
+      await db.sql`select count(*)::int as n from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database()) and granted`;
     expect(held[0]!.n).toBe(1);
     await h.done;
   });
@@ -197,7 +200,8 @@ describe('modes', () => {
     const out = await db.sql.begin(async (tx) => {
       await tx`insert into refunds values (999, 1)`;
       const err = await withLock(tx, ['inner-free', 'inner'], () => 1, { timeoutMs: 100 }).catch((e) => e);
-      const mine = await tx`select count(*)::int as n from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()`;
+      const mine =
+        await tx`select count(*)::int as n from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database()) and pid = pg_backend_pid()`;
       await tx`insert into refunds values (999, 2)`;
       return { err, mine: mine[0]!.n };
     });
@@ -246,7 +250,7 @@ describe('keys', () => {
     const rows = await withLock(db.sql, [{ namespace: 'refunds', name: 'order:42' }, -5n, [3, -4], 2n ** 40n], (tx) =>
       q(
         tx,
-        "select classid, objid, objsubid from pg_locks where locktype = 'advisory' and pid = pg_backend_pid() order by objsubid, classid, objid",
+        "select classid, objid, objsubid from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database()) and pid = pg_backend_pid() order by objsubid, classid, objid",
       ),
     );
     const decoded = rows.map((r) => decodeLockRow(r as never));

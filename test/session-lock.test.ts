@@ -1,0 +1,145 @@
+import { describe, expect, it } from 'vitest';
+import {
+  AbortedError,
+  acquireSessionLock,
+  ConnectionLostError,
+  InvalidOptionError,
+  LockLostError,
+  LockNotAcquiredError,
+  LockTimeoutError,
+  tryAcquireSessionLock,
+  UnsupportedRunnerError,
+  withLock,
+} from '../src/index.js';
+import { sleep, useTestDb } from './helpers.js';
+
+const db = await useTestDb(6);
+const pools = db.runners.filter((r) => !r.inTx);
+
+const aborted = (signal: AbortSignal) =>
+  new Promise<void>((resolve) => (signal.aborted ? resolve() : signal.addEventListener('abort', () => resolve(), { once: true })));
+
+const advisoryHolders = async () =>
+  (
+    await db.sql`select pid from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database()) and granted order by pid`
+  ).map((r) => r.pid as number);
+
+describe('session locks', () => {
+  for (const kind of pools) {
+    it(`are exclusive across connections and released through ${kind.name}`, async () => {
+      await kind.use(async (pool) => {
+        const key = `session:${kind.name}`;
+        const lock = await acquireSessionLock(pool, key);
+        expect(lock.signal.aborted).toBe(false);
+        expect(await tryAcquireSessionLock(pool, key)).toBeUndefined();
+        expect(await advisoryHolders()).toEqual([lock.pid]);
+        await lock.release();
+        await lock.release(); // idempotent
+        const again = await tryAcquireSessionLock(pool, key);
+        expect(again).toBeDefined();
+        await again!.release();
+        expect(await advisoryHolders()).toEqual([]);
+      });
+    });
+  }
+
+  it('release with await using, and shared holders coexist', async () => {
+    {
+      await using a = await acquireSessionLock(db.sql, 'using', { mode: 'shared' });
+      await using b = await acquireSessionLock(db.pool, 'using', { mode: 'shared' });
+      expect(a.pid).not.toBe(b.pid);
+      await expect(acquireSessionLock(db.sql, 'using', { timeoutMs: 0 })).rejects.toBeInstanceOf(LockNotAcquiredError);
+    }
+    expect(await advisoryHolders()).toEqual([]);
+  });
+
+  it('times out near the bound, and aborts a wait, leaving nothing held by the waiter', async () => {
+    const holder = await acquireSessionLock(db.sql, 'wait');
+    const t0 = performance.now();
+    await expect(acquireSessionLock(db.pool, 'wait', { timeoutMs: 200 })).rejects.toBeInstanceOf(LockTimeoutError);
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(180);
+    const ac = new AbortController();
+    setTimeout(() => ac.abort(), 100);
+    await expect(acquireSessionLock(db.sql, 'wait', { signal: ac.signal })).rejects.toBeInstanceOf(AbortedError);
+    expect(await advisoryHolders()).toEqual([holder.pid]);
+    const waiting =
+      await db.sql`select count(*)::int as n from pg_locks where locktype = 'advisory' and database = (select oid from pg_database where datname = current_database()) and not granted`;
+    expect(waiting[0]!.n).toBe(0);
+    await holder.release();
+  });
+
+  it('a killed holder backend aborts the signal within seconds and lets the next waiter in', async () => {
+    for (const pool of [db.sql, db.pool]) {
+      const lock = await acquireSessionLock(pool, 'killed', { keepaliveMs: 1000 });
+      const waiter = acquireSessionLock(pool === db.sql ? db.pool : db.sql, 'killed', { timeoutMs: 10_000 });
+      await sleep(100);
+      const t0 = performance.now();
+      await db.sql`select pg_terminate_backend(${lock.pid})`;
+      await aborted(lock.signal);
+      expect(performance.now() - t0).toBeLessThan(3000);
+      expect(lock.signal.reason).toBeInstanceOf(LockLostError);
+      expect(lock.signal.reason.code).toBe('PGCOORD_LOCK_LOST');
+      const next = await waiter;
+      expect(await advisoryHolders()).toEqual([next.pid]);
+      await next.release();
+      await lock.release(); // nothing to do, and no crash
+      // the pool keeps serving
+      expect(await withLock(pool, 'after-kill', () => 'ok')).toBe('ok');
+    }
+  });
+
+  it('a keepalive probe with no answer aborts the signal and closes the connection', async () => {
+    const lock = await acquireSessionLock(db.pool, 'stalled', { keepaliveMs: 300 });
+    try {
+      process.kill(lock.pid, 'SIGSTOP'); // the backend stops answering but the socket stays open
+    } catch {
+      await lock.release();
+      return; // the server is not on this machine (or not ours to signal): nothing to stall
+    }
+    try {
+      await aborted(lock.signal);
+      expect(lock.signal.reason).toBeInstanceOf(LockLostError);
+    } finally {
+      process.kill(lock.pid, 'SIGCONT');
+    }
+    // the connection was closed, not returned to the pool: its backend goes away and the lock with it
+    for (let i = 0; i < 50 && (await advisoryHolders()).length; i++) await sleep(100);
+    expect(await advisoryHolders()).toEqual([]);
+  });
+
+  it('refuses transactions, single clients and bad options with typed errors', async () => {
+    await expect(db.sql.begin((tx) => acquireSessionLock(tx, 'x'))).rejects.toBeInstanceOf(UnsupportedRunnerError);
+    const client = await db.pool.connect();
+    await expect(acquireSessionLock(client, 'x')).rejects.toBeInstanceOf(UnsupportedRunnerError);
+    client.release();
+    await expect(acquireSessionLock(db.sql, 'x', { keepaliveMs: -5 })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(acquireSessionLock(db.sql, '')).rejects.toMatchObject({ code: 'PGCOORD_INVALID_KEY' });
+  });
+});
+
+describe('a transaction-scoped holder whose backend is killed', () => {
+  for (const kind of pools) {
+    it(`rolls back its writes and raises ConnectionLostError through ${kind.name}`, async () => {
+      await kind.use(async (runner) => {
+        await db.sql`create table if not exists killed_writes (who text)`;
+        const err = await withLock(runner, 'tx-killed', async (tx) => {
+          const h = tx as { unsafe?: unknown; query?: unknown; execute?: unknown };
+          const run = (text: string) =>
+            typeof h.unsafe === 'function'
+              ? (tx as unknown as { unsafe(t: string): Promise<unknown> }).unsafe(text)
+              : typeof (tx as { select?: unknown }).select === 'function'
+                ? import('drizzle-orm').then(({ sql }) =>
+                    (tx as unknown as { execute(s: unknown): Promise<unknown> }).execute(sql.raw(text)),
+                  )
+                : (tx as unknown as { query(t: string): Promise<unknown> }).query(text);
+          await run(`insert into killed_writes values ('${kind.name}')`);
+          await run('select pg_terminate_backend(pg_backend_pid())');
+        }).catch((e) => e);
+        expect(err).toBeInstanceOf(ConnectionLostError);
+        const rows = await db.sql`select * from killed_writes where who = ${kind.name}`;
+        expect(rows).toHaveLength(0);
+        expect(await withLock(runner, 'tx-killed', () => 'next')).toBe('next');
+      });
+    });
+  }
+});
