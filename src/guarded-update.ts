@@ -1,5 +1,5 @@
 import { AbortedError, InvalidOptionError } from './errors.js';
-import { inTransaction, type Row, type Runner, type TransactionOptions } from './runner.js';
+import { type Conn, inTransaction, type Row, type Runner, type TransactionOptions } from './runner.js';
 import { compileTarget, quoteIdent } from './sql-target.js';
 
 /**
@@ -77,11 +77,15 @@ pgcoord_u as (update ${t.table} set ${setText} from pgcoord_r where ${t.where} a
 select (select count(*) from pgcoord_r)::int as pgcoord_found, pgcoord_u.* from (values (1)) as pgcoord_d (x) left join pgcoord_u on true`;
 
   return inTransaction(runner, options, async (scope) => {
+    const { conn } = scope;
+    const run = async (c: Conn) => (await c.send([{ text, params: t.params.values }], signal))[0] ?? [];
     let rows: Row[];
     try {
-      [rows = []] = await scope.conn.send([{ text, params: t.params.values }], signal);
+      // in a caller's transaction, a cancelled statement is rolled back to a savepoint so the
+      // caller's transaction stays usable
+      rows = signal && !conn.own ? await conn.savepoint(run) : await run(conn);
     } catch (err) {
-      if (signal?.aborted) throw new AbortedError(`guarded update of ${t.label} was aborted`, { cause: err });
+      if (signal?.aborted) throw new AbortedError(`guarded update of ${t.label.replace(/ where true$/, '')} was aborted`, { cause: err });
       throw err;
     }
     const first = rows[0];

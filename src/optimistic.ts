@@ -11,6 +11,9 @@ export type Version = number | bigint | string;
 /**
  * Another writer changed the row since you read it: your `expected` version is no longer current.
  * Re-read and re-apply (see `retry`), never just re-send the write.
+ *
+ * @example
+ * catch (e) { if (e instanceof VersionConflictError) console.log(e.expected, e.current) }
  */
 export class VersionConflictError extends PgcoordError {
   constructor(

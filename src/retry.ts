@@ -40,7 +40,12 @@ export interface RetryOptions {
   onRetry?: (info: { attempt: number; reason: RetryReason; error: unknown; delayMs: number }) => void;
 }
 
-/** Every allowed attempt failed with a retryable error, or the deadline passed; `cause` is the last error. */
+/**
+ * Every allowed attempt failed with a retryable error, or the deadline passed; `cause` is the last error.
+ *
+ * @example
+ * catch (e) { if (e instanceof RetryExhaustedError) log.warn(`gave up after ${e.attempts}`, e.cause) }
+ */
 export class RetryExhaustedError extends PgcoordError {
   constructor(
     readonly attempts: number,

@@ -50,14 +50,27 @@ export interface DrizzleRowTarget<T extends PgTable> {
   orderBy?: readonly (PgColumn | SQL | SQL.Aliased)[];
 }
 
-/** No row matches the target. */
+/**
+ * No row matches the target.
+ *
+ * @example
+ * try { await withRowLock(sql, { table: 'orders', key: { id } }, fn) } catch (e) { if (e instanceof RowNotFoundError) return notFound() }
+ */
 export class RowNotFoundError extends PgcoordError {
   constructor(readonly target: string) {
     super('PGCOORD_ROW_NOT_FOUND', `no row ${target}`);
   }
 }
 
-/** The row exists but another transaction holds a conflicting lock (`'nowait'` / `'skipLocked'`). */
+/**
+ * The row exists but another transaction holds a conflicting lock (`'nowait'` / `'skipLocked'`).
+ *
+ * @example
+ * await withRowLock(sql, { table: 'orders', key: { id } }, fn, { wait: 'nowait' }).catch((e) => {
+ *   if (e instanceof RowLockedError) return 'busy, try later';
+ *   throw e;
+ * });
+ */
 export class RowLockedError extends PgcoordError {
   constructor(
     readonly target: string,
@@ -67,7 +80,12 @@ export class RowLockedError extends PgcoordError {
   }
 }
 
-/** A helper that only makes sense inside a transaction got a pool. */
+/**
+ * A helper that only makes sense inside a transaction got a pool.
+ *
+ * @example
+ * await lockRows(sql, target); // throws NotInTransactionError: use sql.begin((tx) => lockRows(tx, target))
+ */
 export class NotInTransactionError extends PgcoordError {
   constructor(what: string) {
     super('PGCOORD_NOT_IN_TRANSACTION', `${what} needs a transaction (a sql.begin handle, a client in BEGIN, a drizzle tx)`);

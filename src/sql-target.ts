@@ -5,7 +5,12 @@
 import { InvalidOptionError, PgcoordError } from './errors.js';
 import type { Statement } from './runner.js';
 
-/** A table or column name that pgcoord refuses to put into SQL. */
+/**
+ * A table or column name that pgcoord refuses to put into SQL.
+ *
+ * @example
+ * await withRowLock(sql, { table: 'orders; drop table orders', key: { id } }, fn); // InvalidIdentifierError
+ */
 export class InvalidIdentifierError extends PgcoordError {
   constructor(readonly identifier: unknown) {
     super(

@@ -100,6 +100,19 @@ describe('guardedUpdate against a concurrent writer', () => {
     } finally {
       await commit();
     }
+    // in a caller's transaction the cancelled statement is rolled back to a savepoint
+    const commit2 = await holdAndChange(24, 'select $1::int');
+    try {
+      const ac = new AbortController();
+      setTimeout(() => ac.abort(), 50);
+      const after = await db.sql.begin(async (tx) => {
+        await expect(guardedUpdate(tx, refund(24, 1), { signal: ac.signal })).rejects.toBeInstanceOf(AbortedError);
+        return tx`select 1 as one`;
+      });
+      expect(after[0]?.one).toBe(1);
+    } finally {
+      await commit2();
+    }
     const [row] = await q(db.sql, 'select refunded from billing.gu_orders where id = 24');
     expect(row!.refunded).toBe(0);
   });
