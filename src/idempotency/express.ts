@@ -48,7 +48,7 @@ async function requestBody(req: Request, limit: number): Promise<unknown> {
   return body;
 }
 
-function capture<H>(req: Request, res: Response, attempt: IdempotentAttempt<H>, cfg: ReturnType<typeof httpConfig<Request>>): void {
+function capture<H>(res: Response, attempt: IdempotentAttempt<H>, cfg: ReturnType<typeof httpConfig<Request>>): void {
   const chunks: Buffer[] = [];
   let size = 0;
   let overflow = false;
@@ -103,7 +103,6 @@ function capture<H>(req: Request, res: Response, attempt: IdempotentAttempt<H>, 
     );
     return res;
   } as Response['end'];
-  void req;
 }
 
 /**
@@ -136,7 +135,7 @@ export function idempotencyExpress<R extends Runner>(runner: R, options: HttpIde
       );
       if (prepared.kind === 'pass') return next();
       if (prepared.kind === 'answer') return send(res, prepared.answer);
-      capture(req, res, prepared.attempt, cfg);
+      capture(res, prepared.attempt, cfg);
       req.idempotency = prepared.attempt.context as IdempotentContext<unknown>;
       next();
     } catch (err) {

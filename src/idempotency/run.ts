@@ -624,22 +624,35 @@ function checkPhase(name: unknown): string {
   return name;
 }
 
-// Phased mode: the claim is its own (one-statement) transaction and commits at once.
-async function claimPhased<H>(runner: Runner, c: Checked, left: number): Promise<Step | Start<H>> {
+// Phased mode: the claim is its own (one-statement) transaction and commits at once. When it
+// claimed nothing (a replay, a mismatch, an attempt in flight), the transaction wrote nothing, so
+// the answer is given as soon as the claim's rows arrive; the COMMIT completes in the background.
+function claimPhased<H>(runner: Runner, c: Checked, left: number): Promise<Step | Start<H>> {
   const token = randomUUID();
   const timeout = timeoutStatements(lockTimeoutMs(left));
-  let step: Step;
-  try {
-    const rows = await inTransaction(runner, {}, (scope) =>
-      scope.conn.send([timeout.before, claimStatement(c, token), timeout.after], c.signal),
+  return new Promise((resolve, reject) => {
+    let settled = false;
+    inTransaction(runner, {}, async (scope) => {
+      const rows = await scope.conn.send([timeout.before, claimStatement(c, token), timeout.after], c.signal);
+      const step = readSeen(rows[1]?.[0], c); // may throw a mismatch: nothing was written either way
+      if (step.kind !== 'run') {
+        settled = true;
+        resolve(step);
+      }
+      return step;
+    }).then(
+      (step) => {
+        if (settled) return;
+        if (step.kind === 'run') resolve({ kind: 'run', attempt: phasedAttempt<H>(runner, c, step.seen, token) });
+        else resolve(step);
+      },
+      (err) => {
+        if (settled) return;
+        if (sqlState(err) === '55P03' && !c.signal?.aborted) resolve({ kind: 'inflight', retryAfterMs: 1000 });
+        else reject(mapError(err, c));
+      },
     );
-    step = readSeen(rows[1]?.[0], c);
-  } catch (err) {
-    if (sqlState(err) === '55P03' && !c.signal?.aborted) return { kind: 'inflight', retryAfterMs: 1000 };
-    throw mapError(err, c);
-  }
-  if (step.kind !== 'run') return step;
-  return { kind: 'run', attempt: phasedAttempt<H>(runner, c, step.seen, token) };
+  });
 }
 
 function phasedAttempt<H>(runner: Runner, c: Checked, seen: Seen, token: string): IdempotentAttempt<H> {
