@@ -43,9 +43,11 @@ export interface Conn {
   /**
    * Send statements back to back (one round trip where the driver pipelines) and return the rows
    * of each. All statements settle before this does; it rejects with the first error.
-   * `signal` cancels the running statement on the server.
+   * `signal` cancels the running statement on the server. `commit: true` (pgcoord's own
+   * transaction only) sends COMMIT in the same round trip and ends the transaction; a connection
+   * lost while that batch is in flight rejects with {@link CommitUnknownError}.
    */
-  send(statements: readonly Statement[], signal?: AbortSignal): Promise<Row[][]>;
+  send(statements: readonly Statement[], signal?: AbortSignal, options?: SendOptions): Promise<Row[][]>;
   /** Aborted (with a {@link ConnectionLostError}) the moment pgcoord sees the connection die. */
   readonly lost: AbortSignal;
   /** True when pgcoord opened this transaction (false when it joined the caller's). */
@@ -55,6 +57,19 @@ export interface Conn {
    * rolled back and the transaction stays usable.
    */
   savepoint<T>(fn: (conn: Conn) => Promise<T>): Promise<T>;
+}
+
+/** Options of {@link Conn.send}. */
+export interface SendOptions {
+  commit?: boolean;
+}
+
+/** The state of pgcoord's own transaction on a connection. */
+interface TxState {
+  /** BEGIN has been sent. */
+  sent: boolean;
+  /** COMMIT has been sent with a batch: the transaction is over. */
+  ended: boolean;
 }
 
 /** The transaction handed to pgcoord code: its own connection view and a way to call user code. */
@@ -190,6 +205,29 @@ async function sqlSavepoint<T>(conn: Conn, fn: (conn: Conn) => Promise<T>): Prom
   }
 }
 
+// The rows of a batch, or its error. With COMMIT in the batch, a lost connection means the commit's
+// fate is unknown (the statements may have run and committed with only the answers lost).
+function settle(results: PromiseSettledResult<Row[]>[], lost: AbortSignal, committing: boolean): Row[][] {
+  const failed = results.find((r) => r.status === 'rejected');
+  if (failed) {
+    if (committing && (lost.aborted || results.some((r) => r.status === 'rejected' && isConnectionLost(r.reason)))) {
+      throw new CommitUnknownError({ cause: failed.reason });
+    }
+    throw lost.aborted && isConnectionLost(failed.reason) ? lost.reason : failed.reason;
+  }
+  return results.map((r) => (r as PromiseFulfilledResult<Row[]>).value);
+}
+
+// Getting a connection from the pool failed: a server that is down or restarting is reported as
+// the same typed ConnectionLostError as a connection that dies mid-transaction (nothing ran).
+async function checkout<C>(pending: Promise<C>): Promise<C> {
+  try {
+    return await pending;
+  } catch (err) {
+    throw isConnectionLost(err) ? new ConnectionLostError('could not get a database connection; nothing was run', { cause: err }) : err;
+  }
+}
+
 // ---------------------------------------------------------------- postgres.js
 
 interface PgjsQuery extends Promise<Row[]> {
@@ -197,25 +235,38 @@ interface PgjsQuery extends Promise<Row[]> {
   cancel(): void;
 }
 
-function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQuery): Conn & { sent: boolean } {
-  const conn: Conn & { sent: boolean } = {
+function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQuery): Conn & TxState & { begin(): PgjsQuery[] } {
+  const conn: Conn & TxState & { begin(): PgjsQuery[] } = {
     own,
     lost,
     sent: false,
+    ended: false,
+    // BEGIN, issued (not awaited) at most once: the statement issued right after it shares its
+    // round trip. Used by send() and, lazily, by the user's handle on its first statement.
+    begin() {
+      if (!first || conn.sent) return [];
+      conn.sent = true;
+      const q = first().execute();
+      q.catch(() => {}); // its failure (a lost connection) surfaces on the statements behind it
+      return [q];
+    },
     // In a caller's sql.begin, postgres.js remembers any failed statement and rethrows it when the
     // callback ends, even if it was handled: a recoverable failure must go through its savepoint().
     savepoint:
       typeof sql.savepoint === 'function' && !own
         ? (fn) => (sql.savepoint as (f: (sp: Fn) => Promise<unknown>) => Promise<never>)((sp) => fn(pgjsConn(sp, false, lost)))
         : (fn) => sqlSavepoint(conn, fn),
-    async send(statements: readonly Statement[], signal?: AbortSignal) {
+    async send(statements: readonly Statement[], signal?: AbortSignal, options?: SendOptions) {
       if (lost.aborted) throw lost.reason;
       if (signal?.aborted) throw signal.reason;
+      if (conn.ended) throw new ConnectionLostError('this transaction has already committed');
       // Issued without awaiting in between: postgres.js writes them in one packet (pipelined).
-      const queries: PgjsQuery[] = [];
-      if (first && !conn.sent) queries.push(first().execute());
-      conn.sent = true;
-      for (const s of statements)
+      const queries: PgjsQuery[] = conn.begin();
+      const skip = queries.length;
+      const committing = own && options?.commit === true;
+      const all = committing ? [...statements, { text: 'commit' }] : statements;
+      if (committing) conn.ended = true;
+      for (const s of all)
         queries.push((sql.unsafe as (t: string, p: unknown[]) => PgjsQuery)(s.text, (s.params ?? []) as unknown[]).execute());
       // Cancel only the earliest statement still running or queued: a Postgres cancel hits
       // whatever the backend runs when it arrives, so cancelling later (fast) statements of the
@@ -232,11 +283,7 @@ function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQu
       };
       signal?.addEventListener('abort', cancel, { once: true });
       try {
-        const results = await Promise.allSettled(queries);
-        const failed = results.find((r) => r.status === 'rejected');
-        if (failed) throw lost.aborted && isConnectionLost(failed.reason) ? lost.reason : failed.reason;
-        const rows = results.map((r) => (r as PromiseFulfilledResult<Row[]>).value);
-        return first ? rows.slice(rows.length - statements.length) : rows;
+        return settle(await Promise.allSettled(queries), lost, committing).slice(skip, skip + statements.length);
       } finally {
         signal?.removeEventListener('abort', cancel);
       }
@@ -266,8 +313,8 @@ interface Pinned {
  * Reserve a postgres.js connection whose death pgcoord observes. The first statement must be sent
  * through `capture()` (parameterless, so postgres.js calls `onexecute` for it).
  */
-export async function pinPgjs(sql: Fn): Promise<Pinned> {
-  const raw = (await (sql.reserve as () => Promise<Fn>)()) as Fn;
+export async function pinPgjs(sql: Fn, beforeStatement?: () => void): Promise<Pinned> {
+  const raw = await checkout((sql.reserve as () => Promise<Fn>)());
   const controller = new AbortController();
   let connection: PgjsConnection | undefined;
   let released = false;
@@ -277,6 +324,7 @@ export async function pinPgjs(sql: Fn): Promise<Pinned> {
   const guard = () => {
     if (controller.signal.aborted) throw controller.signal.reason;
     if (released) throw new ConnectionLostError('this pgcoord transaction handle is no longer usable: its transaction has ended');
+    beforeStatement?.();
   };
   const guarded = new Proxy(raw, {
     apply(target, self, args) {
@@ -299,6 +347,8 @@ export async function pinPgjs(sql: Fn): Promise<Pinned> {
     sql: guarded,
     raw,
     lost: controller.signal,
+    // On a freshly reserved connection nothing is in flight, so postgres.js always calls
+    // onexecute for this first statement (it skips it only past its pipeline limit, #1189).
     capture(text) {
       const onexecute = (c: PgjsConnection) => {
         connection = c;
@@ -319,8 +369,12 @@ export async function pinPgjs(sql: Fn): Promise<Pinned> {
 }
 
 async function pgjsOwn<T>(sql: Fn, begin: string, drizzleDb: AnyObj | undefined, body: (s: Scope<unknown>) => Promise<T>): Promise<T> {
-  const pin = await pinPgjs(sql);
-  const conn = pgjsConn(pin.raw, true, pin.lost, () => pin.capture(begin));
+  let conn: ReturnType<typeof pgjsConn> | undefined;
+  const pin = await pinPgjs(sql, () => {
+    if (conn?.ended) throw new ConnectionLostError('this transaction has already committed');
+    conn?.begin();
+  });
+  conn = pgjsConn(pin.raw, true, pin.lost, () => pin.capture(begin));
   const withSavepoint = savepointable(pin.sql, conn);
   const scope: Scope<unknown> = {
     conn,
@@ -374,30 +428,32 @@ function drizzlePgjsTx<T>(db: AnyObj, handle: Fn, fn: (tx: unknown) => T | Promi
 
 // ---------------------------------------------------------------- node-postgres
 
-function pgConn(client: AnyObj, own: boolean, lost: AbortSignal, first?: string): Conn & { sent: boolean } {
+function pgConn(client: AnyObj, own: boolean, lost: AbortSignal, first?: string): Conn & TxState {
   const query = client.query as (text: string, params?: unknown[]) => Promise<{ rows: Row[] }>;
-  const conn: Conn & { sent: boolean } = {
+  const conn: Conn & TxState = {
     own,
     lost,
     sent: false,
+    ended: false,
     savepoint: (fn) => sqlSavepoint(conn, fn),
-    async send(statements: readonly Statement[], signal?: AbortSignal) {
+    async send(statements: readonly Statement[], signal?: AbortSignal, options?: SendOptions) {
       if (lost.aborted) throw lost.reason;
       if (signal?.aborted) throw signal.reason;
-      const all = first && !conn.sent ? [{ text: first }, ...statements] : statements;
+      if (conn.ended) throw new ConnectionLostError('this transaction has already committed');
+      const skip = first && !conn.sent ? 1 : 0;
+      const committing = own && options?.commit === true;
+      const all = [...(skip ? [{ text: first as string }] : []), ...statements, ...(committing ? [{ text: 'commit' }] : [])];
       conn.sent = true;
+      const run = (s: Statement) => query.call(client, s.text, s.params as unknown[] | undefined).then((r) => r.rows);
       const cancel = () => void cancelPg(client);
       signal?.addEventListener('abort', cancel, { once: true });
       try {
         // A client created with `pipeline: true` pipelines statements issued without awaiting;
-        // otherwise pg wants one at a time (it deprecates queueing).
-        const results = client.pipeline
-          ? await Promise.allSettled(all.map((s) => query.call(client, s.text, s.params as unknown[] | undefined)))
-          : await sequential(all, (s) => query.call(client, s.text, s.params as unknown[] | undefined));
-        const failed = results.find((r) => r.status === 'rejected');
-        if (failed) throw lost.aborted && isConnectionLost(failed.reason) ? lost.reason : failed.reason;
-        const rows = results.map((r) => (r as PromiseFulfilledResult<{ rows: Row[] }>).value.rows);
-        return rows.slice(rows.length - statements.length);
+        // otherwise pg wants one at a time (it deprecates queueing) and stops at the first error,
+        // in which case COMMIT was never sent and the transaction is still open.
+        const results = client.pipeline ? await Promise.allSettled(all.map(run)) : await sequential(all, run);
+        if (committing) conn.ended = results.length === all.length;
+        return settle(results, lost, conn.ended).slice(skip, skip + statements.length);
       } finally {
         signal?.removeEventListener('abort', cancel);
       }
@@ -433,7 +489,7 @@ async function cancelPg(client: AnyObj): Promise<void> {
 
 async function pgOwn<T>(k: Kind & { kind: 'pg-pool' | 'pg-client' }, begin: string, body: (s: Scope<unknown>) => Promise<T>): Promise<T> {
   const pooled = k.kind === 'pg-pool';
-  const client = pooled ? ((await (k.pool.connect as () => Promise<AnyObj>).call(k.pool)) as AnyObj) : k.client;
+  const client = pooled ? await checkout((k.pool.connect as () => Promise<AnyObj>).call(k.pool)) : k.client;
   const controller = new AbortController();
   const onError = (err: unknown) => controller.abort(new ConnectionLostError(undefined, { cause: err }));
   const on = client.on as (e: string, f: (err?: unknown) => void) => void;
@@ -444,7 +500,11 @@ async function pgOwn<T>(k: Kind & { kind: 'pg-pool' | 'pg-client' }, begin: stri
   const conn = pgConn(client, true, controller.signal, begin);
   const scope: Scope<unknown> = {
     conn,
-    call: async (fn) => (k.drizzle ? drizzlePgTx(k.drizzle, client, fn) : fn(client)),
+    call: async (fn) => {
+      // node-postgres cannot pipeline BEGIN with the user's first statement: send it now.
+      if (!conn.sent) await conn.send([]);
+      return k.drizzle ? drizzlePgTx(k.drizzle, client, fn) : fn(client);
+    },
   };
   const query = client.query as (text: string) => Promise<unknown>;
   return finish(
@@ -479,7 +539,7 @@ async function drizzlePgTx<T>(db: AnyObj, client: AnyObj, fn: (tx: unknown) => T
 // Commit or roll back pgcoord's own transaction. Never a statement on a connection known to be
 // dead; a commit whose answer is lost with the connection is reported as unknown, not as failed.
 async function finish<T>(
-  conn: Conn & { sent: boolean },
+  conn: Conn & TxState,
   work: Promise<T>,
   run: (text: string) => Promise<unknown>,
   release: (poisoned: boolean) => void,
@@ -488,6 +548,10 @@ async function finish<T>(
   try {
     result = await work;
   } catch (err) {
+    if (err instanceof CommitUnknownError) {
+      release(true);
+      throw err;
+    }
     // A dead connection is never written to again: no ROLLBACK (the server rolls back when the
     // session ends), and the connection is dropped, not returned to the pool.
     if (conn.lost.aborted || isConnectionLost(err)) {
@@ -495,7 +559,7 @@ async function finish<T>(
       throw conn.lost.aborted ? conn.lost.reason : new ConnectionLostError(undefined, { cause: err });
     }
     let poisoned = false;
-    if (conn.sent) {
+    if (conn.sent && !conn.ended) {
       try {
         await run('rollback');
       } catch {
@@ -505,7 +569,7 @@ async function finish<T>(
     release(poisoned);
     throw err;
   }
-  if (!conn.sent) {
+  if (!conn.sent || conn.ended) {
     release(false);
     return result;
   }
@@ -552,7 +616,7 @@ export async function pinConnection(runner: Runner): Promise<PinnedConn> {
     return { conn: pgjsConn(pin.raw, false, pin.lost), pid: Number(row?.pid), lost: pin.lost, release: pin.release };
   }
   if (k.kind === 'pg-pool') {
-    const client = (await (k.pool.connect as () => Promise<AnyObj>).call(k.pool)) as AnyObj;
+    const client = await checkout((k.pool.connect as () => Promise<AnyObj>).call(k.pool));
     const controller = new AbortController();
     const onError = (err?: unknown) => controller.abort(new ConnectionLostError(undefined, { cause: err }));
     const on = client.on as (e: string, f: (err?: unknown) => void) => void;

@@ -17,8 +17,5 @@ export function transaction<R extends Runner, T>(
   fn: (tx: HandleOf<R>) => Promise<T> | T,
   options: TransactionOptions = {},
 ): Promise<T> {
-  return inTransaction<HandleOf<R>, T>(runner, options, async (scope) => {
-    await scope.conn.send([]); // BEGIN now, so fn runs inside the transaction
-    return scope.call(fn);
-  });
+  return inTransaction<HandleOf<R>, T>(runner, options, (scope) => scope.call(fn));
 }

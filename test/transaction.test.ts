@@ -1,0 +1,93 @@
+import { beforeAll, describe, expect, it } from 'vitest';
+import { CommitUnknownError, ConnectionLostError, InvalidOptionError, transaction } from '../src/index.js';
+import { inTransaction } from '../src/runner.js';
+import { q, useTestDb } from './helpers.js';
+
+const db = await useTestDb(4);
+
+beforeAll(async () => {
+  await db.sql`create table tx_rows (who text)`;
+});
+
+const rows = async (who: string) => (await db.sql`select who from tx_rows where who like ${`${who}%`} order by who`).map((r) => r.who);
+
+describe('transaction()', () => {
+  for (const kind of db.runners) {
+    it(`commits, rolls back and applies the isolation level through ${kind.name}`, async () => {
+      const tag = `t-${kind.name}-`;
+      const level = await kind.use((runner) =>
+        transaction(runner, async (tx) => {
+          await q(tx, 'insert into tx_rows values ($1)', [`${tag}a`]);
+          return (await q(tx, 'show transaction_isolation'))[0]!.transaction_isolation;
+        }),
+      );
+      // a caller's transaction is joined (its own level stays), pgcoord's own gets the level asked
+      expect(level).toBe(kind.inTx ? 'read committed' : 'read committed');
+      if (!kind.inTx) {
+        const serial = await kind.use((runner) =>
+          transaction(runner, async (tx) => (await q(tx, 'show transaction_isolation'))[0]!.transaction_isolation, {
+            isolation: 'serializable',
+          }),
+        );
+        expect(serial).toBe('serializable');
+        // the first statement of the callback already runs inside the transaction (lazy BEGIN)
+        await expect(
+          kind.use((runner) =>
+            transaction(runner, async (tx) => {
+              await q(tx, 'insert into tx_rows values ($1)', [`${tag}b`]);
+              throw new Error('undo');
+            }),
+          ),
+        ).rejects.toThrow('undo');
+      }
+      expect(await rows(tag)).toEqual([`${tag}a`]);
+    });
+  }
+
+  it('refuses a bad isolation level and a statement after the transaction ended', async () => {
+    await expect(transaction(db.sql, () => 1, { isolation: 'sloppy' as never })).rejects.toBeInstanceOf(InvalidOptionError);
+    let escaped: unknown;
+    await transaction(db.sql, async (tx) => {
+      escaped = tx;
+      await tx`select 1`;
+    });
+    await expect((async () => (escaped as typeof db.sql)`select 1`)()).rejects.toBeInstanceOf(ConnectionLostError);
+  });
+});
+
+describe('COMMIT in the same round trip (send with commit)', () => {
+  for (const [name, runner] of [
+    ['postgres.js', db.sql],
+    ['pg', db.pool],
+  ] as const) {
+    it(`commits the batch once and skips the final COMMIT through ${name}`, async () => {
+      await inTransaction(runner, {}, async (scope) => {
+        await scope.conn.send([{ text: 'insert into tx_rows values ($1)', params: [`c-${name}-1`] }], undefined, { commit: true });
+        await expect(scope.conn.send([{ text: 'select 1' }])).rejects.toBeInstanceOf(ConnectionLostError);
+      });
+      expect(await rows(`c-${name}`)).toEqual([`c-${name}-1`]);
+      // an error in the batch rolls back everything, COMMIT included
+      await expect(
+        inTransaction(runner, {}, async (scope) => {
+          await scope.conn.send([{ text: 'insert into tx_rows values ($1)', params: [`c-${name}-2`] }, { text: 'select 1/0' }], undefined, {
+            commit: true,
+          });
+        }),
+      ).rejects.toMatchObject({ code: '22012' });
+      expect(await rows(`c-${name}`)).toEqual([`c-${name}-1`]);
+    });
+
+    it(`reports a connection lost with COMMIT queued as CommitUnknownError, or as lost when COMMIT was never sent, through ${name}`, async () => {
+      const err = await inTransaction(runner, {}, async (scope) => {
+        await scope.conn.send([{ text: 'insert into tx_rows values ($1)', params: [`u-${name}`] }]);
+        await scope.conn.send([{ text: 'select pg_terminate_backend(pg_backend_pid())' }], undefined, { commit: true });
+      }).catch((e) => e);
+      // postgres.js had COMMIT on the wire behind the dying statement: its fate is unknown. pg sends
+      // one statement at a time and never sent COMMIT: it certainly did not commit.
+      expect(err).toBeInstanceOf(name === 'pg' ? ConnectionLostError : CommitUnknownError);
+      expect(err.code).toBe(name === 'pg' ? 'PGCOORD_CONNECTION_LOST' : 'PGCOORD_COMMIT_UNKNOWN');
+      expect(await rows(`u-${name}`)).toEqual([]); // here the backend died before COMMIT ran
+      expect(await transaction(runner, () => 'pool still serves')).toBe('pool still serves');
+    });
+  }
+});
