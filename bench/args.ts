@@ -27,7 +27,8 @@ export interface BenchOptions {
 
 export const USAGE = `npm run bench -- [options]
 
-  --quick               a few seconds: 8 clients, 1 and 1000 orders, 150 requests (the smoke test's run)
+  --quick               a few seconds: 8 clients, 1 and 1000 orders, 100 requests, no pgbench unless --pgbench
+                        (the smoke test's run: for correctness, its speed figures mean little)
   --clients N           concurrent clients (default 16)
   --orders A,B,C        contention levels: orders the requests spread over (default 1,100,10000)
   --requests N          unique refund requests per strategy and level (default 800)
@@ -69,6 +70,7 @@ export function parseOptions(argv: string[]): BenchOptions {
       only: { type: 'string' },
       'no-redis': { type: 'boolean', default: false },
       'no-pgbench': { type: 'boolean', default: false },
+      pgbench: { type: 'boolean', default: false },
       'no-fault': { type: 'boolean', default: false },
       json: { type: 'string' },
       html: { type: 'string' },
@@ -86,7 +88,7 @@ export function parseOptions(argv: string[]): BenchOptions {
     quick,
     clients: Math.round(positive('clients', values.clients, quick ? 8 : 16)),
     orders: [...new Set(orders)].sort((a, b) => a - b),
-    requests: Math.round(positive('requests', values.requests, quick ? 150 : 800)),
+    requests: Math.round(positive('requests', values.requests, quick ? 100 : 800)),
     seconds: positive('seconds', values.seconds, quick ? 1.5 : 2),
     gatewayMs: positive('gateway-ms', values['gateway-ms'], 1, true),
     duplicates,
@@ -99,7 +101,7 @@ export function parseOptions(argv: string[]): BenchOptions {
           .filter(Boolean)
       : [],
     redis: !values['no-redis'],
-    pgbench: !values['no-pgbench'],
+    pgbench: !values['no-pgbench'] && (!quick || (values.pgbench ?? false)),
     fault: !values['no-fault'],
     json: values.json,
     html: values.html,

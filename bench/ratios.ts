@@ -26,7 +26,9 @@ function ratio(
   b: StrategyResult | undefined,
   target?: number,
 ): Ratio | undefined {
-  if (!a || !b) return undefined;
+  if (!a) return undefined;
+  if (!b)
+    return target === undefined ? undefined : { group, label, orders, a: a.id, b: 'missing', value: Number.NaN, target, status: 'n/a' };
   const value = a.refundsPerSec / b.refundsPerSec;
   return {
     group,
@@ -55,11 +57,15 @@ export function ratios(results: readonly StrategyResult[], levels: readonly numb
   for (const orders of levels) {
     for (const p of results.filter((x) => x.orders === orders && x.impl === 'pgcoord')) {
       const same = find(results, `${p.family}/same`, orders);
-      const best = find(results, `${p.family}/best`, orders);
+      // a family with a single natural shape (guarded UPDATE, optimistic, idempotency) has its
+      // hand-written 'plain' version as its best shape
+      const best = find(results, `${p.family}/best`, orders) ?? find(results, `${p.family}/plain`, orders);
       out.push(ratio('pgcoord vs hand-written', `${p.label} / same SQL shape, hand-written`, orders, p, same, OVERHEAD_TARGET));
       out.push(ratio('pgcoord vs hand-written', `${p.label} / best shape, hand-written (target)`, orders, p, best, OVERHEAD_TARGET));
-      const bench = find(results, `pgbench/${p.family}`, orders);
-      out.push(ratio('vs pgbench', `${p.label} / pgbench unpipelined, same SQL`, orders, p, bench, 1.0));
+      if (results.some((r) => r.id === `pgbench/${p.family}`)) {
+        const bench = find(results, `pgbench/${p.family}`, orders);
+        out.push(ratio('vs pgbench', `${p.label} / pgbench unpipelined, same SQL`, orders, p, bench, 1.0));
+      }
     }
   }
   const advisory = (o: number) => find(results, 'advisory/pgcoord', o);

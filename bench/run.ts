@@ -8,9 +8,10 @@ import { fileURLToPath } from 'node:url';
 import cliProgress from 'cli-progress';
 import { Redis } from 'ioredis';
 import postgres from 'postgres';
+import { migrate } from '../src/idempotency/index.js';
 import { createTestDatabase, startTestServer } from '../src/testing/index.js';
 import { type BenchOptions, parseOptions, USAGE } from './args.js';
-import { drive } from './driver.js';
+import { drive, openPool } from './driver.js';
 import { type FaultResult, faultScenario } from './fault.js';
 import { environment } from './machine.js';
 import { findPgbench, pgbenchScripts, runPgbench } from './pgbench.js';
@@ -62,10 +63,11 @@ export async function main(argv: string[]): Promise<number> {
   const { redis, note: redisNote, version: redisVersion } = opts.redis ? await connectRedis() : { note: 'Redis lock skipped (--no-redis)' };
   if (redisNote) notes.push(redisNote);
   const pgbench = opts.pgbench ? findPgbench() : undefined;
-  if (!opts.pgbench) notes.push('pgbench skipped (--no-pgbench)');
+  if (!opts.pgbench) notes.push(opts.quick ? 'pgbench skipped in --quick (add --pgbench to run it)' : 'pgbench skipped (--no-pgbench)');
   else if (!pgbench) notes.push('pgbench skipped: no pgbench on this machine (set PGBENCH to its path)');
   try {
     await createSchema(admin);
+    await migrate(admin); // pgcoord's idempotency table
     const env = await environment(admin, server.source);
     if (redisVersion) env.redis = redisVersion;
     if (pgbench) env.pgbench = pgbench.version;
@@ -89,10 +91,15 @@ export async function main(argv: string[]): Promise<number> {
         seed: opts.seed,
       };
       const work = makeWorkload(scenario);
-      for (const s of chosen) {
-        bar.update({ task: `${orders} orders: ${s.label}` });
-        results.push(await drive(s, work, { url: database.url, redis, maxAttempts: opts.maxAttempts }));
-        bar.increment();
+      const pool = await openPool(database.url, opts.clients);
+      try {
+        for (const s of chosen) {
+          bar.update({ task: `${orders} orders: ${s.label}` });
+          results.push(await drive(s, work, { pool, redis, maxAttempts: opts.maxAttempts }));
+          bar.increment();
+        }
+      } finally {
+        await pool.sql.end({ timeout: 1 });
       }
       for (const script of scripts) {
         bar.update({ task: `${orders} orders: ${script.label}` });

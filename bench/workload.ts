@@ -90,7 +90,7 @@ export function makeWorkload(scenario: Scenario): Workload {
     const d = demand.get(id);
     totals.set(id, d ? Math.max(d.max, Math.floor(d.sum * SUPPLY)) : MAX_AMOUNT);
   }
-  const warmup = Array.from({ length: Math.min(4 * scenario.clients, 200) }, (_, i) => ({
+  const warmup = Array.from({ length: 2 * scenario.clients }, (_, i) => ({
     requestId: `w${i}`,
     orderId: 1 + (i % scenario.orders),
     amount: 1,
@@ -107,6 +107,9 @@ export async function createSchema(sql: postgres.Sql): Promise<void> {
 /** Give a strategy a fresh table state: no refunds, no keys, every order back to its total. */
 export async function resetTables(sql: postgres.Sql, totals: Map<number, number>): Promise<void> {
   await sql.unsafe('truncate orders, refunds, idempotency_keys restart identity');
+  // pgcoord's own idempotency table, when its migration ran (see run.ts)
+  const [pg] = await sql.unsafe<{ t: string | null }[]>("select to_regclass('pgcoord.idempotency_keys')::text as t");
+  if (pg?.t) await sql.unsafe('truncate pgcoord.idempotency_keys');
   const ids = [...totals.keys()];
   await sql.unsafe('insert into orders (id, total) select * from unnest($1::int[], $2::int[])', [
     `{${ids.join(',')}}`,

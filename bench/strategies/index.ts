@@ -7,6 +7,7 @@ import { idempotency } from './idempotency.js';
 import { naive } from './naive.js';
 import { optimistic } from './optimistic.js';
 import { pgcoordAdvisory } from './pgcoord-advisory.js';
+import { pgcoordForUpdate, pgcoordGuarded, pgcoordIdempotency, pgcoordOptimistic, pgcoordSerializable } from './pgcoord-others.js';
 import { redisLock } from './redis.js';
 import { serializableBegin, serializableBest } from './serializable.js';
 import type { Strategy } from './types.js';
@@ -17,15 +18,20 @@ export type { Family, Impl, Outcome, Strategy, StrategyContext } from './types.j
 export const strategies: readonly Strategy[] = [
   naive,
   guarded,
+  pgcoordGuarded,
   forUpdateBegin,
   forUpdateBest,
+  pgcoordForUpdate,
   advisoryBegin,
   advisorySame,
   advisoryBest,
   pgcoordAdvisory,
   optimistic,
+  pgcoordOptimistic,
   serializableBegin,
   serializableBest,
+  pgcoordSerializable,
   idempotency,
+  pgcoordIdempotency,
   redisLock,
 ];
