@@ -25,7 +25,7 @@ function errorKey(err: unknown): string {
 }
 
 /** How long past its time cap a run waits for requests still in flight before calling them stuck. */
-const GRACE_MS = 5000;
+const GRACE_MS = 3000;
 
 async function pump(
   strategy: Strategy,

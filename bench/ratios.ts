@@ -60,7 +60,9 @@ export function ratios(results: readonly StrategyResult[], levels: readonly numb
       // a family with a single natural shape (guarded UPDATE, optimistic, idempotency) has its
       // hand-written 'plain' version as its best shape
       const best = find(results, `${p.family}/best`, orders) ?? find(results, `${p.family}/plain`, orders);
-      out.push(ratio('pgcoord vs hand-written', `${p.label} / same SQL shape, hand-written`, orders, p, same, OVERHEAD_TARGET));
+      // the same-shape twin exists only where it was written (see the registry)
+      if (results.some((r) => r.id === `${p.family}/same`))
+        out.push(ratio('pgcoord vs hand-written', `${p.label} / same SQL shape, hand-written`, orders, p, same, OVERHEAD_TARGET));
       out.push(ratio('pgcoord vs hand-written', `${p.label} / best shape, hand-written (target)`, orders, p, best, OVERHEAD_TARGET));
       if (results.some((r) => r.id === `pgbench/${p.family}`)) {
         const bench = find(results, `pgbench/${p.family}`, orders);

@@ -9,6 +9,7 @@ import { optimistic } from './optimistic.js';
 import { pgcoordAdvisory } from './pgcoord-advisory.js';
 import { pgcoordForUpdate, pgcoordGuarded, pgcoordIdempotency, pgcoordOptimistic, pgcoordSerializable } from './pgcoord-others.js';
 import { redisLock } from './redis.js';
+import { forUpdateSame, guardedSame } from './same-shape.js';
 import { serializableBegin, serializableBest } from './serializable.js';
 import type { Strategy } from './types.js';
 
@@ -18,9 +19,11 @@ export type { Family, Impl, Outcome, Strategy, StrategyContext } from './types.j
 export const strategies: readonly Strategy[] = [
   naive,
   guarded,
+  guardedSame,
   pgcoordGuarded,
   forUpdateBegin,
   forUpdateBest,
+  forUpdateSame,
   pgcoordForUpdate,
   advisoryBegin,
   advisorySame,
