@@ -1,5 +1,26 @@
 export { type LockMode, type LockOptions, tryWithLock, withLock } from './advisory.js';
 export {
+  type AdvisoryLockInfo,
+  CliFailedError,
+  CliUsageError,
+  type DoctorFinding,
+  type DoctorOptions,
+  type DoctorReport,
+  doctor,
+  formatDoctor,
+  formatLocks,
+  type GenerateOptions,
+  type GenerateResult,
+  generateMigration,
+  isCockroachVersion,
+  type KeyCandidate,
+  type ListLocksOptions,
+  listLocks,
+  type PurgeCliOptions,
+  type PurgeCliResult,
+  purgeWithProgress,
+} from './cli/api.js';
+export {
   AbortedError,
   CommitUnknownError,
   ConnectionLostError,

@@ -1,0 +1,7 @@
+// What the `pgcoord` command does, as functions for code (re-exported from the package root).
+
+export { type DoctorFinding, type DoctorOptions, type DoctorReport, doctor, formatDoctor, isCockroachVersion } from './doctor.js';
+export { CliFailedError, CliUsageError } from './errors.js';
+export { type GenerateOptions, type GenerateResult, generateMigration } from './generate.js';
+export { type AdvisoryLockInfo, formatLocks, type KeyCandidate, type ListLocksOptions, listLocks } from './locks.js';
+export { type PurgeCliOptions, type PurgeCliResult, purgeWithProgress } from './purge.js';
