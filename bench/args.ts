@@ -31,8 +31,8 @@ export const USAGE = `npm run bench -- [options]
                         (the smoke test's run: for correctness, its speed figures mean little)
   --clients N           concurrent clients (default 16)
   --orders A,B,C        contention levels: orders the requests spread over (default 1,100,10000)
-  --requests N          unique refund requests per strategy and level (default 600)
-  --seconds S           time cap per strategy and level (default 1.5)
+  --requests N          unique refund requests per strategy and level (default 500)
+  --seconds S           time cap per strategy and level (default 1)
   --gateway-ms MS       simulated payment-gateway latency inside the critical section (default 1; 0 allowed)
   --duplicates F        fraction of requests delivered twice, as a retrying client would (default 0.05)
   --seed N              seed of the request stream (default 42)
@@ -88,8 +88,8 @@ export function parseOptions(argv: string[]): BenchOptions {
     quick,
     clients: Math.round(positive('clients', values.clients, quick ? 8 : 16)),
     orders: [...new Set(orders)].sort((a, b) => a - b),
-    requests: Math.round(positive('requests', values.requests, quick ? 100 : 600)),
-    seconds: positive('seconds', values.seconds, quick ? 1 : 1.5),
+    requests: Math.round(positive('requests', values.requests, quick ? 100 : 500)),
+    seconds: positive('seconds', values.seconds, quick ? 1 : 1),
     gatewayMs: positive('gateway-ms', values['gateway-ms'], 1, true),
     duplicates,
     seed: Math.round(positive('seed', values.seed, 42, true)),

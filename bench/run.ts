@@ -20,7 +20,7 @@ import { htmlReport } from './report-html.js';
 import { terminalReport } from './report-terminal.js';
 import type { StrategyResult } from './result.js';
 import { strategies } from './strategies/index.js';
-import { createSchema, makeWorkload, type Scenario } from './workload.js';
+import { createSchema, makeWorkload, resetTables, type Scenario } from './workload.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 
@@ -91,6 +91,7 @@ export async function main(argv: string[]): Promise<number> {
         seed: opts.seed,
       };
       const work = makeWorkload(scenario);
+      await resetTables(admin, work.totals, true);
       const pool = await openPool(database.url, opts.clients);
       try {
         for (const s of chosen) {

@@ -104,8 +104,11 @@ export async function createSchema(sql: postgres.Sql): Promise<void> {
   await sql.unsafe(SCHEMA);
 }
 
-/** Give a strategy a fresh table state: no refunds, no keys, every order back to its total. */
-export async function resetTables(sql: postgres.Sql, totals: Map<number, number>): Promise<void> {
+/**
+ * Give a strategy a fresh table state: no refunds, no keys, every order back to its total.
+ * `analyze` refreshes the planner's statistics (once per level is enough: the rows are the same).
+ */
+export async function resetTables(sql: postgres.Sql, totals: Map<number, number>, analyze = false): Promise<void> {
   await sql.unsafe('truncate orders, refunds, idempotency_keys restart identity');
   // pgcoord's own idempotency table, when its migration ran (see run.ts)
   const [pg] = await sql.unsafe<{ t: string | null }[]>("select to_regclass('pgcoord.idempotency_keys')::text as t");
@@ -115,7 +118,7 @@ export async function resetTables(sql: postgres.Sql, totals: Map<number, number>
     `{${ids.join(',')}}`,
     `{${ids.map((id) => totals.get(id)).join(',')}}`,
   ]);
-  await sql.unsafe('analyze orders');
+  if (analyze) await sql.unsafe('analyze orders');
 }
 
 /** One payment-gateway call as the gateway saw it. */
