@@ -3,6 +3,8 @@
 // drizzle (for typed rows) runs through drizzle's session instead, so this wraps that session's
 // driver client. (A `scope.call(fn, signal)` in runner.ts would make this unnecessary.)
 
+import { cancelPg } from './runner.js';
+
 type AnyObj = Record<string, unknown>;
 type Fn = ((...args: unknown[]) => unknown) & AnyObj;
 
@@ -20,22 +22,28 @@ export async function withCancel<H, T>(tx: H, signal: AbortSignal | undefined, f
   let wrapped: unknown = client;
   if (typeof client.unsafe === 'function') {
     const queries: { cancel(): void }[] = [];
+    const settled = new Set<unknown>();
     wrapped = new Proxy(client, {
       get(target, prop) {
         const value = Reflect.get(target, prop);
         if (prop !== 'unsafe') return value;
         return (...args: unknown[]) => {
-          const query = (value as Fn).apply(target, args) as { cancel(): void };
+          const query = (value as Fn).apply(target, args) as { cancel(): void } & PromiseLike<unknown>;
           queries.push(query);
+          // a settled query must not be cancelled: the cancel would hit the next statement
+          query.then(
+            () => settled.add(query),
+            () => settled.add(query),
+          );
           return query;
         };
       },
     });
     cancel = () => {
-      for (const q of queries) q.cancel();
+      for (const q of queries) if (!settled.has(q)) q.cancel();
     };
   } else {
-    cancel = () => cancelPgQuery(client);
+    cancel = () => void cancelPg(client);
   }
   const copySession = Object.create(session) as AnyObj;
   copySession.client = wrapped;
@@ -48,16 +56,4 @@ export async function withCancel<H, T>(tx: H, signal: AbortSignal | undefined, f
   } finally {
     signal.removeEventListener('abort', cancel);
   }
-}
-
-// node-postgres has no cancel on the client itself: a second connection sends the CancelRequest
-// with the backend pid and secret key of the client's running query.
-function cancelPgQuery(client: AnyObj): void {
-  const active = client.activeQuery;
-  if (!active) return;
-  const Ctor = client.constructor as new (config: unknown) => AnyObj;
-  const canceller = new Ctor(client.connectionParameters);
-  (canceller.on as (e: string, f: () => void) => void)('error', () => {});
-  (canceller.cancel as (c: unknown, q: unknown) => void)(client, active);
-  setTimeout(() => (canceller.connection as { end(): void } | undefined)?.end(), 2000).unref();
 }

@@ -477,7 +477,7 @@ async function sequential<S, R>(items: readonly S[], fn: (s: S) => Promise<R>): 
 
 // node-postgres has no cancel on the client itself: a second connection sends the CancelRequest
 // for the running query (its backend pid and secret key), as pg's own Client#cancel does.
-async function cancelPg(client: AnyObj): Promise<void> {
+export async function cancelPg(client: AnyObj): Promise<void> {
   const active = client.activeQuery;
   if (!active) return;
   const Ctor = client.constructor as new (config: unknown) => AnyObj;
