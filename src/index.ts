@@ -40,13 +40,7 @@ export { type LockEvent, lockChannels } from './events.js';
 export { type GuardedResult, type GuardedUpdate, type GuardedUpdateOptions, guardedUpdate } from './guarded-update.js';
 export type { HandleOf } from './handles.js';
 export {
-  beginIdempotent,
-  canonicalJson,
-  DEFAULT_REPLAY_HEADERS,
-  defaultStore,
-  FINGERPRINT_VERSION,
   FinalFailure,
-  fingerprintOf,
   type HttpIdempotencyOptions,
   IdempotencyBodyInvalidError,
   IdempotencyBodyTooLargeError,
@@ -86,11 +80,8 @@ export {
   type PurgeResult,
   parseIdempotencyKey,
   phaseKey,
-  problemResponse,
   purgeExpired,
   type RequestIdentity,
-  replayResponse,
-  requestFingerprint,
   type StoredResponse,
 } from './idempotency/index.js';
 export {
@@ -135,5 +126,5 @@ export {
   withRowLock,
 } from './row-locks.js';
 export { acquireSessionLock, type SessionLock, type SessionLockOptions, tryAcquireSessionLock } from './session-lock.js';
-export { InvalidIdentifierError, quoteIdent, type SqlTarget } from './sql-target.js';
+export { InvalidIdentifierError, type SqlTarget } from './sql-target.js';
 export { type Isolation, type Runner, type TransactionOptions, transaction } from './transaction.js';
