@@ -106,6 +106,7 @@ const timeout = (ms: number) => new Promise<'timeout'>((r) => setTimeout(r, ms, 
 export async function probeTransactionPooler(runner: Runner, waitMs = 3000): Promise<string | undefined> {
   const a = await pinConnection(runner);
   let b: PinnedConn | undefined;
+  let dirty = true;
   try {
     const seen = [a.pid];
     for (let i = 0; i < 3; i++) seen.push(await pidOf(a.conn));
@@ -118,19 +119,21 @@ export async function probeTransactionPooler(runner: Runner, waitMs = 3000): Pro
     seen.push(during);
     await b.conn.send([{ text: 'commit' }]);
     for (let i = 0; i < 3; i++) seen.push(await pidOf(a.conn));
+    dirty = false;
     const distinct = [...new Set(seen)];
     if (distinct.length > 1) return `one connection's statements ran on backends ${distinct.join(', ')}`;
     if (pidB === a.pid) return `two client connections were served by the same backend (pid ${pidB})`;
     return undefined;
   } finally {
-    a.release(true);
-    b?.release(true);
+    // Clean connections go back to the pool; after a timeout A still has a statement in flight.
+    a.release(dirty);
+    b?.release(dirty);
   }
 }
 
 function setting(name: string, value: string, off: string, on: string): DoctorFinding {
   const isOff = value === '0' || value === '0ms';
-  return { id: name, severity: 'info', message: `${name} = ${value}: ${isOff ? off : on}` };
+  return { id: name, severity: 'info', message: `${name} = ${value}${isOff ? ' (off)' : ''}: ${isOff ? off : on}` };
 }
 
 /** The server findings for the database behind `runner`. */
@@ -160,6 +163,23 @@ export async function checkServer(runner: Runner, schema: string, table: string)
       message: 'the server is a standby (pg_is_in_recovery() is true): it is read-only and its advisory locks are not seen by the primary',
       fix: 'point the app (and DATABASE_URL) at the primary; a failover target must be promoted before pgcoord runs on it',
     });
+  findings.push(...(await checkTable(runner, schema, table, state)));
+  findings.push(
+    setting(
+      'idle_in_transaction_session_timeout',
+      String(state?.idle),
+      'a client that dies inside a transaction keeps its locks until TCP notices; consider e.g. 60s for the app role',
+      'a pgcoord transaction idle that long is ended by the server; pgcoord reports ConnectionLostError and nothing of it commits',
+    ),
+    setting(
+      'lock_timeout',
+      String(state?.lock),
+      'lock waits are bounded only by the timeoutMs you pass to pgcoord',
+      'lock waits longer than this fail (LockTimeoutError) even without timeoutMs',
+    ),
+    setting('statement_timeout', String(state?.stmt), 'no limit', 'statements (including lock waits) longer than this are cancelled'),
+  );
+  // Last: after a timed-out probe a connection is dropped, and nothing else needs the pool.
   const pooler = await probeTransactionPooler(runner).catch((err: Error) => `the pooler probe failed: ${err.message}`);
   if (pooler)
     findings.push({
@@ -170,22 +190,6 @@ export async function checkServer(runner: Runner, schema: string, table: string)
     });
   else
     findings.push({ id: 'transaction-pooler', severity: 'ok', message: 'one connection keeps its backend (no transaction-mode pooler)' });
-  findings.push(...(await checkTable(runner, schema, table, state)));
-  findings.push(
-    setting(
-      'idle_in_transaction_session_timeout',
-      String(state?.idle),
-      'off: a client that dies inside a transaction keeps its locks until TCP notices; consider e.g. 60s for the app role',
-      'a pgcoord transaction idle that long is ended by the server; pgcoord reports ConnectionLostError and nothing of it commits',
-    ),
-    setting(
-      'lock_timeout',
-      String(state?.lock),
-      'off: lock waits are bounded only by the timeoutMs you pass to pgcoord',
-      'lock waits longer than this fail (LockTimeoutError) even without timeoutMs',
-    ),
-    setting('statement_timeout', String(state?.stmt), 'off', 'statements (including lock waits) longer than this are cancelled'),
-  );
   return findings;
 }
 
