@@ -230,9 +230,13 @@ async function checkout<C>(pending: Promise<C>): Promise<C> {
 
 // ---------------------------------------------------------------- postgres.js
 
+const prepared = { prepare: true };
+
 interface PgjsQuery extends Promise<Row[]> {
   execute(): PgjsQuery;
   cancel(): void;
+  /** Set by postgres.js when the query is sent: the backend's pid and cancel key. */
+  state?: { pid: number | null };
 }
 
 function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQuery): Conn & TxState & { begin(): PgjsQuery[] } {
@@ -266,8 +270,13 @@ function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQu
       const committing = own && options?.commit === true;
       const all = committing ? [...statements, { text: 'commit' }] : statements;
       if (committing) conn.ended = true;
+      // Prepared (unless the pool says `prepare: false`, e.g. behind PgBouncer): an unprepared
+      // statement with parameters costs postgres.js a Describe round trip first and stops the
+      // pipeline behind it; a prepared one is described once per connection.
       for (const s of all)
-        queries.push((sql.unsafe as (t: string, p: unknown[]) => PgjsQuery)(s.text, (s.params ?? []) as unknown[]).execute());
+        queries.push(
+          (sql.unsafe as (t: string, p: unknown[], o: object) => PgjsQuery)(s.text, (s.params ?? []) as unknown[], prepared).execute(),
+        );
       // Cancel only the earliest statement still running or queued: a Postgres cancel hits
       // whatever the backend runs when it arrives, so cancelling later (fast) statements of the
       // pipeline could land on the next unrelated statement. Once the blocking one fails, the
@@ -295,7 +304,6 @@ function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQu
 interface PgjsConnection {
   id: number;
   onclose: ((err: unknown) => void) | null;
-  terminate(): void;
 }
 
 interface Pinned {
@@ -317,6 +325,7 @@ export async function pinPgjs(sql: Fn, beforeStatement?: () => void): Promise<Pi
   const raw = await checkout((sql.reserve as () => Promise<Fn>)());
   const controller = new AbortController();
   let connection: PgjsConnection | undefined;
+  let captured: PgjsQuery | undefined;
   let released = false;
   const onclose = (err: unknown) => {
     controller.abort(new ConnectionLostError(undefined, { cause: err }));
@@ -355,15 +364,24 @@ export async function pinPgjs(sql: Fn, beforeStatement?: () => void): Promise<Pi
         c.onclose = onclose;
         return true; // "ready for more": lets the next statements pipeline behind this one
       };
-      return (raw.unsafe as (t: string, p: unknown[], o: object) => PgjsQuery)(text, [], { onexecute });
+      captured = (raw.unsafe as (t: string, p: unknown[], o: object) => PgjsQuery)(text, [], { onexecute });
+      return captured;
     },
     release(poisoned = false) {
       if (released) return;
       released = true;
       if (controller.signal.aborted) return; // the pool already took the dead connection back
+      const pid = captured?.state?.pid;
+      if (poisoned && pid) {
+        // Never back to the pool: another connection ends this backend's session (releasing
+        // whatever it holds) while it is idle, and the pool sees an ordinary close. Not the
+        // driver's terminate() (postgres.js 3.4.9's pool then keeps a slot that never serves
+        // again), and not a self-kill (its FATAL error is carried into the next connection).
+        (sql.unsafe as (t: string, p: unknown[]) => Promise<unknown>)('select pg_terminate_backend($1)', [pid]).catch(() => {});
+        return;
+      }
       if (connection?.onclose === onclose) connection.onclose = null;
-      if (poisoned && connection) connection.terminate();
-      else (raw.release as () => void)();
+      (raw.release as () => void)();
     },
   };
 }
@@ -580,11 +598,12 @@ async function finish<T>(
   try {
     await run('commit');
   } catch (err) {
-    release(true);
     if (isConnectionLost(err) || conn.lost.aborted) {
+      release(true);
       throw new CommitUnknownError({ cause: err });
     }
-    throw err; // e.g. a deferred constraint or serialization failure at commit: rolled back
+    release(false); // a deferred constraint or serialization failure at COMMIT: rolled back, connection fine
+    throw err;
   }
   release(false);
   return result;
