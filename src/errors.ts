@@ -111,7 +111,16 @@ export function sqlState(err: unknown): string | undefined {
 
 // Driver codes (postgres.js: CONNECTION_*, node: ECONNRESET...) and SQLSTATE classes 08 (connection
 // exception) and 57P01-57P03 (admin shutdown, crash shutdown, cannot connect now).
-const lostCodes = new Set(['CONNECTION_CLOSED', 'CONNECTION_ENDED', 'CONNECTION_DESTROYED', 'CONNECT_TIMEOUT', 'ECONNRESET', 'EPIPE', 'ECONNREFUSED', 'ETIMEDOUT']);
+const lostCodes = new Set([
+  'CONNECTION_CLOSED',
+  'CONNECTION_ENDED',
+  'CONNECTION_DESTROYED',
+  'CONNECT_TIMEOUT',
+  'ECONNRESET',
+  'EPIPE',
+  'ECONNREFUSED',
+  'ETIMEDOUT',
+]);
 
 /** True when the error means the connection is gone (so the transaction cannot have committed). */
 export function isConnectionLost(err: unknown): boolean {
