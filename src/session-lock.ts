@@ -95,13 +95,14 @@ async function take(
   const fn = `pg${tryOnly ? '_try' : ''}_advisory_lock${req.shared ? '_shared' : ''}`;
   const locks = lockStatements(req, fn);
   // A session lock taken inside a transaction outlives it; the transaction only scopes the
-  // lock_timeout setting. The pid is read again after the lock, in a later round trip than the
-  // pin's, so a transaction-mode pooler (new backend per transaction) shows itself.
+  // lock_timeout setting. The pid is read inside that transaction and after it, and compared with
+  // the pin's, so a transaction-mode pooler (another backend per transaction) shows itself.
   const timed = req.timeoutMs ? timeoutStatements(req.timeoutMs) : undefined;
   const statements: Statement[] = [
     { text: 'begin' },
     ...(timed ? [timed.before] : []),
     ...locks,
+    { text: 'select pg_backend_pid()::int as pid' },
     { text: 'commit' },
     { text: 'select pg_backend_pid()::int as pid' },
   ];
@@ -119,8 +120,11 @@ async function take(
   }
   const first = 1 + (timed ? 1 : 0);
   const ok = rows.slice(first, first + locks.length).every((r) => r[0]?.ok !== 'false');
+  // The backend that took the lock (inside the transaction) and the one answering afterwards
+  // must both be the pinned one.
+  const pidHolding = Number(rows[rows.length - 3]?.[0]?.pid);
   const pidAfter = Number(rows[rows.length - 1]?.[0]?.pid);
-  if (pidAfter !== pin.pid) {
+  if (pidHolding !== pin.pid || pidAfter !== pin.pid) {
     await cleanup(pin, true);
     event('error');
     throw new TransactionPoolingError();

@@ -7,6 +7,7 @@ import {
   LockLostError,
   LockNotAcquiredError,
   LockTimeoutError,
+  TransactionPoolingError,
   tryAcquireSessionLock,
   UnsupportedRunnerError,
   withLock,
@@ -142,4 +143,25 @@ describe('a transaction-scoped holder whose backend is killed', () => {
       });
     });
   }
+});
+
+describe('behind a transaction-mode pooler', () => {
+  it('refuses session locks with TransactionPoolingError and holds nothing afterwards', async () => {
+    const { startTransactionPooler } = await import('./fixtures/cli-pooler.js');
+    const target = new URL(db.url);
+    const pooler = await startTransactionPooler({ host: target.hostname, port: Number(target.port || 5432) });
+    try {
+      const pooled = db.newSql({ max: 1, prepare: false, host: '127.0.0.1', port: pooler.port });
+      const err = await acquireSessionLock(pooled, 'pooled').catch((e) => e);
+      expect(err).toBeInstanceOf(TransactionPoolingError);
+      expect(err.code).toBe('PGCOORD_TRANSACTION_POOLING');
+      expect(pooler.upstreams()).toBeGreaterThan(1);
+      // transaction-scoped locks are the answer there, and they work
+      expect(await withLock(pooled, 'pooled', () => 'ok')).toBe('ok');
+      for (let i = 0; i < 20 && (await advisoryHolders()).length; i++) await sleep(100);
+      expect(await advisoryHolders()).toEqual([]);
+    } finally {
+      await pooler.close();
+    }
+  });
 });
