@@ -13,13 +13,47 @@
 // transaction: until it commits nobody else sees the row, and a crash rolls all of it back.
 // Phased mode commits the claim at once (with a short lease kept alive by heartbeats), then each
 // phase with its recovery point, so a retry after a crash resumes after the last committed phase.
+//
+// Round trips (one = the client sends and waits for the answer; postgres.js pipelines statements
+// issued without awaiting in between, so each line below is one; counted on a connection that has
+// already run these statements once: the runner prepares them, and postgres.js's first run of a
+// parameterized statement on a connection, or every run on a pool made with `prepare: false`,
+// adds a Parse/Describe round trip of its own). N = the handler's own round trips.
+//
+//   reference: the handler alone in pgcoord's own transaction: BEGIN rides with its first
+//   statement, then COMMIT:                                               N + 1
+//   transactional, first call:  BEGIN + claim (+ lock_timeout set/reset)   1
+//                               the handler's statements                   N
+//                               complete + COMMIT                          1   = N + 2: one extra
+//   transactional, replay:      BEGIN + claim; the caller is answered here 1
+//                               COMMIT, sent after the answer and not waited for by the caller
+//                               (it ends a transaction that wrote nothing and frees the row lock
+//                               the claim's conflict branch took; the pooled connection is busy
+//                               for that one more round trip)
+//   phased, claim:              BEGIN + claim + COMMIT                     1   (also a replay)
+//   phased, each phase:         BEGIN rides with the phase's first statement, then recovery
+//                               point + COMMIT                             N + 1: none extra
+//   phased, heartbeat / complete / release:  BEGIN + update + COMMIT       1 each
+//   joined (a caller's transaction): SAVEPOINT + claim                     1
+//                               complete + RELEASE SAVEPOINT               1   (a replay: claim,
+//                               then RELEASE SAVEPOINT before answering: 2)
+// node-postgres does not pipeline (unless the client was made with `pipeline: true`): there every
+// statement is a round trip of its own, and `scope.call` sends BEGIN by itself.
+//
+// COMMIT rides in the same round trip as the last write, so that write must abort the transaction
+// when it matches no row (a lost lease): `fenced()` turns "no row" into an error, the pipelined
+// COMMIT then only rolls back, and nothing the handler or phase wrote is committed without its
+// fence. A connection lost with COMMIT in flight rejects with CommitUnknownError: either all of
+// it committed (the row is completed, or has its new recovery point) or none of it did (the key
+// stays retryable: transactional leaves no row; phased leaves the previous recovery point, free
+// once the lease runs out).
 
 import { randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { timeoutStatements } from '../advisory.js';
-import { AbortedError, InvalidOptionError, PgcoordError, sqlState } from '../errors.js';
+import { AbortedError, CommitUnknownError, InvalidOptionError, PgcoordError, sqlState } from '../errors.js';
 import type { HandleOf } from '../handles.js';
-import { type Isolation, inTransaction, type Row, type Runner, runnerKind, type Statement } from '../runner.js';
+import { type Conn, type Isolation, inTransaction, type Row, type Runner, runnerKind, type Statement } from '../runner.js';
 import {
   FinalFailure,
   IdempotencyInFlightError,
@@ -212,10 +246,28 @@ export function checkOptions(o: IdempotencyOptions): Checked {
 interface Sql {
   label: string;
   claim: string;
+  /** Fenced (see {@link fenced}): sent with COMMIT. */
   phase: string;
   heartbeat: string;
   complete: string;
+  /** `complete`, fenced: sent with COMMIT in pgcoord's own transaction. */
+  completeFenced: string;
   release: string;
+}
+
+// The text a fenced write fails with when it matched no row (the lease is not ours any more).
+const LEASE_LOST = 'pgcoord: idempotency lease lost';
+
+// A write that must abort its transaction when it matches no row, because COMMIT is already on
+// its way in the same round trip. Plain SQL has no RAISE: the cast of a non-constant CASE fails at
+// run time (22P02, with LEASE_LOST in the message) exactly when the update returned no row.
+function fenced(update: string): string {
+  return `with done as (${update})
+select (case when count(*) = 1 then '1' else '${LEASE_LOST}' end)::int as ok from done`;
+}
+
+function isLeaseLost(err: unknown): boolean {
+  return sqlState(err) === '22P02' && err instanceof Error && err.message.includes(LEASE_LOST);
 }
 
 const cache = new Map<string, Sql>();
@@ -231,7 +283,7 @@ function statementsFor(names: IdempotencyTableNames): Sql {
   const t = `"${schema}"."${table}"`;
   const cached = cache.get(t);
   if (cached) return cached;
-  const sql: Sql = {
+  const base = {
     label: `${schema}.${table}`,
     // $1 scope, $2 key, $3 fingerprint, $4 fingerprint version, $5 lease token, $6 lease ms, $7 retention ms.
     //
@@ -277,14 +329,15 @@ select false, ${ANSWER},
   coalesce(extract(epoch from (lease_expires_at - clock_timestamp())) * 1000, 0)::float8
 from ${t} where scope = $1 and key = $2 and not exists (select 1 from claimed)`,
     // $1 scope, $2 key, $3 lease token, $4 phase, $5 phase result (JSON text), $6 lease ms.
-    // Sent last in the phase's own transaction, after the phase's statements: it commits the phase's
-    // writes and its recovery point together, and only if this attempt still holds the lease (zero
-    // rows: the lease was lost and the transaction is rolled back). It also renews the lease.
-    phase: `update ${t} set recovery_point = $4, recovery_data = recovery_data || jsonb_build_object($4::text, $5::text::jsonb),
+    // Sent last in the phase's own transaction, after the phase's statements and with COMMIT: it
+    // commits the phase's writes and its recovery point together, and only if this attempt still
+    // holds the lease (no row: the statement fails and the COMMIT behind it only rolls back). It
+    // also renews the lease.
+    phase: fenced(`update ${t} set recovery_point = $4, recovery_data = recovery_data || jsonb_build_object($4::text, $5::text::jsonb),
   lease_expires_at = clock_timestamp() + $6::int8 * interval '1 millisecond',
   expires_at = greatest(expires_at, clock_timestamp() + $6::int8 * interval '1 millisecond'),
   updated_at = clock_timestamp()
-where scope = $1 and key = $2 and lease_token = $3::uuid and state = 'running' returning 1 as ok`,
+where scope = $1 and key = $2 and lease_token = $3::uuid and state = 'running' returning 1 as ok`),
     // $1 scope, $2 key, $3 lease token, $4 lease ms. Fenced like every write after the claim: a
     // heartbeat of an attempt that lost its lease matches no row (the token changed), and tells it so.
     heartbeat: `update ${t} set lease_expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond',
@@ -303,6 +356,7 @@ where scope = $1 and key = $2 and lease_token = $3::uuid and state = 'running' r
     release: `update ${t} set state = 'failed_retryable', lease_token = null, lease_expires_at = null, updated_at = clock_timestamp()
 where scope = $1 and key = $2 and lease_token = $3::uuid and state = 'running' returning 1 as ok`,
   };
+  const sql: Sql = { ...base, completeFenced: fenced(base.complete) };
   cache.set(t, sql);
   return sql;
 }
@@ -462,6 +516,23 @@ export async function beginIdempotent<H>(runner: Runner, options: IdempotencyOpt
   }
 }
 
+// Conn.send, but never waiting past the connection's loss. When postgres.js (3.4.9) must describe a
+// statement first (its first run on a connection, or every run on a pool made with
+// `prepare: false`), it holds the statements behind it in the reserved connection's own queue, and
+// a connection that closes then drops that queue without settling them: a send waiting for all of
+// them would wait forever (seen with the connection killed while `complete` ran, COMMIT queued).
+// Lost with COMMIT in the batch, the outcome is unknown (the COMMIT may have run).
+function send(conn: Conn, statements: readonly Statement[], signal?: AbortSignal, commit = false): Promise<Row[][]> {
+  const lost = conn.lost;
+  const sent = conn.send(statements, signal, commit ? { commit } : undefined);
+  if (lost.aborted) return sent;
+  return new Promise((resolve, reject) => {
+    const onLost = () => reject(commit && conn.own ? new CommitUnknownError({ cause: lost.reason }) : lost.reason);
+    lost.addEventListener('abort', onLost, { once: true });
+    sent.then(resolve, reject).finally(() => lost.removeEventListener('abort', onLost));
+  });
+}
+
 function lockTimeoutMs(left: number): number {
   return Math.max(1, left); // lock_timeout 0 would mean "wait forever"
 }
@@ -484,13 +555,14 @@ function openTransactional<H>(runner: Runner, c: Checked, left: number): Promise
       const undo = async () => {
         // A caller's transaction stays usable: undo only what this call did.
         if (joined && !scope.conn.lost.aborted)
-          await scope.conn.send([{ text: `rollback to savepoint ${sp}` }, { text: `release savepoint ${sp}` }]);
+          await send(scope.conn, [{ text: `rollback to savepoint ${sp}` }, { text: `release savepoint ${sp}` }]);
       };
       const timeout = timeoutStatements(lockTimeoutMs(left));
       const token = randomUUID();
       let step: Step;
       try {
-        const rows = await scope.conn.send(
+        const rows = await send(
+          scope.conn,
           [...(joined ? [{ text: `savepoint ${sp}` }] : []), timeout.before, claimStatement(c, token), timeout.after],
           c.signal,
         );
@@ -506,7 +578,7 @@ function openTransactional<H>(runner: Runner, c: Checked, left: number): Promise
       }
       if (step.kind !== 'run') {
         if (joined) {
-          await scope.conn.send([{ text: `release savepoint ${sp}` }]);
+          await send(scope.conn, [{ text: `release savepoint ${sp}` }]);
           return settle(step);
         }
         // This transaction wrote nothing: answer now; its COMMIT (it only ends the transaction and
@@ -550,15 +622,20 @@ function openTransactional<H>(runner: Runner, c: Checked, left: number): Promise
           throw { [rollback]: true };
         }
         const { response } = o;
-        const [done] = await scope.conn.send([
-          {
-            text: c.sql.complete,
-            params: [c.scope, c.key, token, response.status, JSON.stringify(response.headers), response.body, c.retentionMs],
-          },
-          ...(joined ? [{ text: `release savepoint ${sp}` }] : []),
-        ]);
-        // Cannot happen while the claim is uncommitted (the row is ours alone); checked anyway.
-        if (done?.length !== 1) throw new IdempotencyLeaseLostError(c.scope, c.key, 'the row changed under its own transaction');
+        const params = [c.scope, c.key, token, response.status, JSON.stringify(response.headers), response.body, c.retentionMs];
+        // A lost lease cannot happen while the claim is uncommitted (the row is ours alone); checked
+        // anyway. Own transaction: `complete` and COMMIT in one round trip (finish() sends no COMMIT).
+        const lost = () => new IdempotencyLeaseLostError(c.scope, c.key, 'the row changed under its own transaction');
+        if (joined) {
+          const [done] = await send(scope.conn, [{ text: c.sql.complete, params }, { text: `release savepoint ${sp}` }]);
+          if (done?.length !== 1) throw lost();
+          return;
+        }
+        try {
+          await send(scope.conn, [{ text: c.sql.completeFenced, params }], undefined, true);
+        } catch (err) {
+          throw isLeaseLost(err) ? lost() : err;
+        }
       });
     });
     work.then(
@@ -624,35 +701,22 @@ function checkPhase(name: unknown): string {
   return name;
 }
 
-// Phased mode: the claim is its own (one-statement) transaction and commits at once. When it
-// claimed nothing (a replay, a mismatch, an attempt in flight), the transaction wrote nothing, so
-// the answer is given as soon as the claim's rows arrive; the COMMIT completes in the background.
-function claimPhased<H>(runner: Runner, c: Checked, left: number): Promise<Step | Start<H>> {
+// Phased mode: the claim is its own (one-statement) transaction, sent with its COMMIT: one round
+// trip, whatever the answer (a claim, a replay, a mismatch, an attempt in flight).
+async function claimPhased<H>(runner: Runner, c: Checked, left: number): Promise<Step | Start<H>> {
   const token = randomUUID();
   const timeout = timeoutStatements(lockTimeoutMs(left));
-  return new Promise((resolve, reject) => {
-    let settled = false;
-    inTransaction(runner, {}, async (scope) => {
-      const rows = await scope.conn.send([timeout.before, claimStatement(c, token), timeout.after], c.signal);
-      const step = readSeen(rows[1]?.[0], c); // may throw a mismatch: nothing was written either way
-      if (step.kind !== 'run') {
-        settled = true;
-        resolve(step);
-      }
-      return step;
-    }).then(
-      (step) => {
-        if (settled) return;
-        if (step.kind === 'run') resolve({ kind: 'run', attempt: phasedAttempt<H>(runner, c, step.seen, token) });
-        else resolve(step);
-      },
-      (err) => {
-        if (settled) return;
-        if (sqlState(err) === '55P03' && !c.signal?.aborted) resolve({ kind: 'inflight', retryAfterMs: 1000 });
-        else reject(mapError(err, c));
-      },
+  let rows: Row[][];
+  try {
+    rows = await inTransaction(runner, {}, (scope) =>
+      send(scope.conn, [timeout.before, claimStatement(c, token), timeout.after], c.signal, true),
     );
-  });
+  } catch (err) {
+    if (sqlState(err) === '55P03' && !c.signal?.aborted) return { kind: 'inflight', retryAfterMs: 1000 };
+    throw mapError(err, c);
+  }
+  const step = readSeen(rows[1]?.[0], c); // may throw a mismatch: nothing was written
+  return step.kind === 'run' ? { kind: 'run', attempt: phasedAttempt<H>(runner, c, step.seen, token) } : step;
 }
 
 function phasedAttempt<H>(runner: Runner, c: Checked, seen: Seen, token: string): IdempotentAttempt<H> {
@@ -666,8 +730,9 @@ function phasedAttempt<H>(runner: Runner, c: Checked, seen: Seen, token: string)
   const lose = (reason: string) => {
     if (!controller.signal.aborted) controller.abort(new IdempotencyLeaseLostError(c.scope, c.key, reason));
   };
+  // One statement in its own transaction, COMMIT in the same round trip.
   const once = async (statement: Statement): Promise<Row[]> => {
-    const [rows] = await inTransaction(runner, {}, (scope) => scope.conn.send([statement]));
+    const [rows] = await inTransaction(runner, {}, (scope) => send(scope.conn, [statement], undefined, true));
     return rows ?? [];
   };
   const beat = async () => {
@@ -709,12 +774,14 @@ function phasedAttempt<H>(runner: Runner, c: Checked, seen: Seen, token: string)
       if (Object.hasOwn(recovered, name)) return recovered[name] as never; // committed by an earlier attempt
       const sentAt = performance.now();
       const value = await inTransaction<H, unknown>(runner, {}, async (scope) => {
-        await scope.conn.send([]);
+        // BEGIN rides with the phase's first statement (or with the recovery point below).
         const v = await scope.call((tx) => fn(tx));
         if (signal.aborted) throw signal.reason;
         const json = JSON.stringify(v === undefined ? null : v);
-        const [rows] = await scope.conn.send([{ text: c.sql.phase, params: [c.scope, c.key, token, name, json, c.leaseMs] }]);
-        if (rows?.length !== 1) {
+        try {
+          await send(scope.conn, [{ text: c.sql.phase, params: [c.scope, c.key, token, name, json, c.leaseMs] }], undefined, true);
+        } catch (err) {
+          if (!isLeaseLost(err)) throw err;
           lose('another attempt took the key over');
           throw new IdempotencyLeaseLostError(c.scope, c.key, 'another attempt took the key over');
         }
