@@ -3,7 +3,7 @@ import { AbortedError, DeadlockError, InvalidOptionError, LockNotAcquiredError, 
 import { publish } from './events.js';
 import type { HandleOf } from './handles.js';
 import { type LockKey, type LockKeyInput, lockKeys } from './keys.js';
-import { type Conn, inTransaction, type Runner, type Statement, type TransactionOptions } from './runner.js';
+import { type Conn, inTransaction, type Runner, type Scope, type Statement, type TransactionOptions } from './runner.js';
 
 /** Exclusive (one holder) or shared (many shared holders, no exclusive one). */
 export type LockMode = 'exclusive' | 'shared';
@@ -141,14 +141,75 @@ const notFree = new Error('pgcoord: lock not free');
 
 type Acquired<T> = { acquired: true; value: T } | { acquired: false };
 
+/**
+ * A read-decide-write under the lock, shaped so postgres.js can do it in two round trips:
+ * `[BEGIN, lock, read]`, then `[writes, COMMIT]`.
+ * - `read` returns a query on the transaction handle; it is sent right behind the lock statement
+ *   (pgcoord's own transaction on postgres.js), so it runs on the server the moment the lock is
+ *   granted, with no client hop in between.
+ * - `write` gets the rows and decides (it may await, e.g. a payment gateway, still under the lock);
+ *   it returns the write queries **unawaited, in an array** (an array is not a thenable, so they stay
+ *   unsent) and pgcoord sends them together with COMMIT. Return `[]` or nothing to write nothing.
+ * Elsewhere (pg, drizzle builders, a caller's transaction) the same plan runs one statement at a time.
+ */
+export interface LockPlan<H, R> {
+  read: (tx: H) => PromiseLike<R>;
+  write: (tx: H, read: R) => PlanWrites | Promise<PlanWrites>;
+}
+
+/** The writes a {@link LockPlan} returns: unawaited queries in an array, or nothing. */
+export type PlanWrites = readonly PromiseLike<unknown>[] | undefined;
+
+/** What a {@link LockPlan} produced: the read, and the result of each write (empty when none). */
+export interface LockPlanResult<R> {
+  read: R;
+  written: unknown[];
+}
+
+function isPlan(x: unknown): x is LockPlan<unknown, unknown> {
+  return (
+    typeof x === 'object' &&
+    x !== null &&
+    typeof (x as LockPlan<unknown, unknown>).read === 'function' &&
+    typeof (x as LockPlan<unknown, unknown>).write === 'function'
+  );
+}
+
+// A postgres.js query not sent yet: `.execute()` queues it on its connection, in call order.
+function isPgjsQuery(x: unknown): x is PromiseLike<unknown> & { execute(): unknown } {
+  return typeof x === 'function' || (typeof x === 'object' && x !== null)
+    ? typeof (x as { execute?: unknown }).execute === 'function' && typeof (x as { cancel?: unknown }).cancel === 'function'
+    : false;
+}
+
+async function runPlan<H, R>(scope: Scope<H>, plan: LockPlan<H, R>, locked: Promise<boolean>): Promise<Acquired<LockPlanResult<R>>> {
+  // Queue the read behind the lock only where that order is guaranteed; otherwise wait for it.
+  const read1 = async (tx: H): Promise<R> => plan.read(tx);
+  const early = scope.conn.pipelines ? scope.call(read1) : undefined;
+  early?.then(undefined, () => {}); // when the lock fails, the read fails too: the lock's error wins
+  if (!(await locked)) return { acquired: false };
+  const read = await (early ?? scope.call(read1));
+  return scope.call(async (tx): Promise<Acquired<LockPlanResult<R>>> => {
+    const writes = (await plan.write(tx, read)) ?? [];
+    if (!Array.isArray(writes)) throw new InvalidOptionError("a lock plan's write must return an array of unawaited queries (or nothing)");
+    if (scope.conn.pipelines && writes.every(isPgjsQuery)) {
+      for (const w of writes) (w as { execute(): unknown }).execute(); // queued in order, COMMIT right behind
+      return { acquired: true, value: { read, written: await scope.conn.commitAfter(writes) } };
+    }
+    const written: unknown[] = [];
+    for (const w of writes) written.push(await w);
+    return { acquired: true, value: { read, written } };
+  });
+}
+
 async function run<R extends Runner, T>(
   runner: R,
   keys: readonly LockKeyInput[] | LockKeyInput,
-  fn: (tx: HandleOf<R>) => Promise<T> | T,
+  fn: ((tx: HandleOf<R>) => Promise<T> | T) | LockPlan<HandleOf<R>, unknown>,
   options: LockOptions | undefined,
 ): Promise<Acquired<T>> {
   const req = lockRequest(keys, options);
-  if (typeof fn !== 'function') throw new InvalidOptionError('the callback must be a function');
+  if (typeof fn !== 'function' && !isPlan(fn)) throw new InvalidOptionError('the callback must be a function (or a { read, write } plan)');
   const mode = req.shared ? 'shared' : 'exclusive';
   const asked = performance.now();
   let granted = 0;
@@ -156,8 +217,11 @@ async function run<R extends Runner, T>(
   try {
     outcome = await inTransaction<HandleOf<R>, Acquired<T>>(runner, options ?? {}, async (scope) => {
       let ok: boolean;
+      const locking = lockInTransaction(scope.conn, req);
+      const planned = isPlan(fn) ? runPlan(scope, fn, locking) : undefined;
+      planned?.catch(() => {}); // awaited below once the lock's outcome is published
       try {
-        ok = await lockInTransaction(scope.conn, req);
+        ok = await locking;
       } catch (err) {
         publish('acquire', {
           keys: req.labels,
@@ -178,7 +242,8 @@ async function run<R extends Runner, T>(
         waitMs: granted - asked,
       });
       if (!ok) return { acquired: false };
-      return { acquired: true, value: await scope.call(fn) };
+      if (planned) return (await planned) as Acquired<T>;
+      return { acquired: true, value: await scope.call(fn as (tx: HandleOf<R>) => Promise<T> | T) };
     });
   } catch (err) {
     if (granted)
@@ -227,10 +292,22 @@ async function run<R extends Runner, T>(
  *   return true;
  * }, { timeoutMs: 2000 });
  */
-export async function withLock<R extends Runner, T>(
+export function withLock<R extends Runner, T>(
   runner: R,
   keys: readonly LockKeyInput[] | LockKeyInput,
   fn: (tx: HandleOf<R>) => Promise<T> | T,
+  options?: LockOptions,
+): Promise<T>;
+export function withLock<R extends Runner, Read>(
+  runner: R,
+  keys: readonly LockKeyInput[] | LockKeyInput,
+  plan: LockPlan<HandleOf<R>, Read>,
+  options?: LockOptions,
+): Promise<LockPlanResult<Read>>;
+export async function withLock<R extends Runner, T>(
+  runner: R,
+  keys: readonly LockKeyInput[] | LockKeyInput,
+  fn: ((tx: HandleOf<R>) => Promise<T> | T) | LockPlan<HandleOf<R>, unknown>,
   options?: LockOptions,
 ): Promise<T> {
   const result = await run(runner, keys, fn, options);
@@ -252,10 +329,22 @@ export async function withLock<R extends Runner, T>(
  * const r = await tryWithLock(sql, 'nightly-report', (tx) => build(tx));
  * if (!r.acquired) console.log('another instance is on it');
  */
-export async function tryWithLock<R extends Runner, T>(
+export function tryWithLock<R extends Runner, T>(
   runner: R,
   keys: readonly LockKeyInput[] | LockKeyInput,
   fn: (tx: HandleOf<R>) => Promise<T> | T,
+  options?: LockOptions,
+): Promise<Acquired<T>>;
+export function tryWithLock<R extends Runner, Read>(
+  runner: R,
+  keys: readonly LockKeyInput[] | LockKeyInput,
+  plan: LockPlan<HandleOf<R>, Read>,
+  options?: LockOptions,
+): Promise<Acquired<LockPlanResult<Read>>>;
+export async function tryWithLock<R extends Runner, T>(
+  runner: R,
+  keys: readonly LockKeyInput[] | LockKeyInput,
+  fn: ((tx: HandleOf<R>) => Promise<T> | T) | LockPlan<HandleOf<R>, unknown>,
   options?: LockOptions,
 ): Promise<Acquired<T>> {
   try {

@@ -1,4 +1,4 @@
-export { type LockMode, type LockOptions, tryWithLock, withLock } from './advisory.js';
+export { type LockMode, type LockOptions, type LockPlan, type LockPlanResult, type PlanWrites, tryWithLock, withLock } from './advisory.js';
 export {
   type AdvisoryLockInfo,
   CliFailedError,

@@ -57,6 +57,18 @@ export interface Conn {
    * rolled back and the transaction stays usable.
    */
   savepoint<T>(fn: (conn: Conn) => Promise<T>): Promise<T>;
+  /**
+   * True when statements issued without awaiting go out in order in one round trip (postgres.js,
+   * pg in pipeline mode) and pgcoord owns the transaction: user statements may then be queued
+   * behind pgcoord's own and still run after them.
+   */
+  readonly pipelines: boolean;
+  /**
+   * End pgcoord's own transaction: COMMIT goes out right behind `pending` (statements already
+   * issued, in the same round trip where the driver pipelines). Settles like `send` with
+   * `commit: true`.
+   */
+  commitAfter(pending: readonly PromiseLike<unknown>[]): Promise<unknown[]>;
 }
 
 /** Options of {@link Conn.send}. */
@@ -188,6 +200,8 @@ async function sqlSavepoint<T>(conn: Conn, fn: (conn: Conn) => Promise<T>): Prom
   const inner: Conn = {
     own: false,
     lost: conn.lost,
+    pipelines: false,
+    commitAfter: (pending) => Promise.all(pending),
     savepoint: (f) => sqlSavepoint(inner, f),
     async send(statements, signal) {
       if (opened) return conn.send(statements, signal);
@@ -205,6 +219,26 @@ async function sqlSavepoint<T>(conn: Conn, fn: (conn: Conn) => Promise<T>): Prom
   }
 }
 
+// postgres.js 3.4.9 drops, without settling them, statements still queued on a reserved
+// connection when it closes: never wait for a batch past the moment the connection is lost.
+function untilLost<T>(pending: Promise<T>, lost: AbortSignal): Promise<T> {
+  if (lost.aborted) return Promise.reject(lost.reason);
+  return new Promise<T>((resolve, reject) => {
+    const onLost = () => reject(lost.reason);
+    lost.addEventListener('abort', onLost, { once: true });
+    pending.then(
+      (v) => {
+        lost.removeEventListener('abort', onLost);
+        resolve(v);
+      },
+      (e) => {
+        lost.removeEventListener('abort', onLost);
+        reject(e);
+      },
+    );
+  });
+}
+
 // The rows of a batch, or its error. With COMMIT in the batch, a lost connection means the commit's
 // fate is unknown (the statements may have run and committed with only the answers lost).
 function settle(results: PromiseSettledResult<Row[]>[], lost: AbortSignal, committing: boolean): Row[][] {
@@ -216,6 +250,21 @@ function settle(results: PromiseSettledResult<Row[]>[], lost: AbortSignal, commi
     throw lost.aborted && isConnectionLost(failed.reason) ? lost.reason : failed.reason;
   }
   return results.map((r) => (r as PromiseFulfilledResult<Row[]>).value);
+}
+
+// All results, or (the connection lost first) the lost-connection outcome: CommitUnknownError when
+// COMMIT was in the batch.
+async function settledUnlessLost(
+  queries: readonly Promise<Row[]>[],
+  lost: AbortSignal,
+  committing: boolean,
+): Promise<PromiseSettledResult<Row[]>[]> {
+  try {
+    return await untilLost(Promise.allSettled(queries), lost);
+  } catch (err) {
+    for (const q of queries) q.then(undefined, () => {});
+    throw committing ? new CommitUnknownError({ cause: err }) : err;
+  }
 }
 
 // Getting a connection from the pool failed: a server that is down or restarting is reported as
@@ -245,6 +294,14 @@ function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQu
     lost,
     sent: false,
     ended: false,
+    pipelines: own,
+    async commitAfter(pending) {
+      if (!own) return Promise.all(pending);
+      if (lost.aborted) throw lost.reason;
+      conn.ended = true;
+      const commit = (sql.unsafe as (t: string) => PgjsQuery)('commit').execute();
+      return settle(await settledUnlessLost([...(pending as Promise<Row[]>[]), commit], lost, true), lost, true).slice(0, -1);
+    },
     // BEGIN, issued (not awaited) at most once: the statement issued right after it shares its
     // round trip. Used by send() and, lazily, by the user's handle on its first statement.
     begin() {
@@ -292,7 +349,7 @@ function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQu
       };
       signal?.addEventListener('abort', cancel, { once: true });
       try {
-        return settle(await Promise.allSettled(queries), lost, committing).slice(skip, skip + statements.length);
+        return settle(await settledUnlessLost(queries, lost, committing), lost, committing).slice(skip, skip + statements.length);
       } finally {
         signal?.removeEventListener('abort', cancel);
       }
@@ -453,7 +510,13 @@ function pgConn(client: AnyObj, own: boolean, lost: AbortSignal, first?: string)
     lost,
     sent: false,
     ended: false,
+    pipelines: own && Boolean(client.pipeline),
     savepoint: (fn) => sqlSavepoint(conn, fn),
+    async commitAfter(pending) {
+      const values = await Promise.all(pending); // a failure leaves the transaction to finish()'s ROLLBACK
+      if (own) await conn.send([], undefined, { commit: true });
+      return values;
+    },
     async send(statements: readonly Statement[], signal?: AbortSignal, options?: SendOptions) {
       if (lost.aborted) throw lost.reason;
       if (signal?.aborted) throw signal.reason;

@@ -1,6 +1,7 @@
 import { spawn } from 'node:child_process';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
 import { fileURLToPath } from 'node:url';
+import type postgres from 'postgres';
 import { beforeAll, describe, expect, it } from 'vitest';
 import {
   AbortedError,
@@ -346,5 +347,103 @@ describe('events', () => {
     expect(evt[1]!.e.holdMs).toBeGreaterThanOrEqual(15);
     const outcomes = seen.filter((s) => s.e.keys[0] === '"evt2"' && s.name === 'acquire').map((s) => s.e.outcome);
     expect(outcomes).toEqual(['acquired', 'not-acquired', 'timeout']);
+  });
+});
+
+describe('a { read, write } plan: [BEGIN, lock, read] then [writes, COMMIT]', () => {
+  const plan = (id: number, amount: number) => ({
+    read: (tx: unknown) => q(tx, 'select total, refunded from orders where id = $1', [id]),
+    write: async (tx: unknown, rows: Record<string, unknown>[]) => {
+      const o = rows[0]!;
+      await sleep(5); // a gateway call, still under the lock
+      if (Number(o.refunded) + amount > Number(o.total)) return [];
+      const h = tx as { unsafe?: (t: string, p: unknown[]) => PromiseLike<unknown> };
+      // postgres.js: unawaited queries in an array ride with COMMIT; other handles run them in order
+      return typeof h.unsafe === 'function'
+        ? [
+            h.unsafe('update orders set refunded = refunded + $2 where id = $1', [id, amount]),
+            h.unsafe('insert into refunds values ($1, $2)', [id, amount]),
+          ]
+        : [
+            q(tx, 'update orders set refunded = refunded + $2 where id = $1', [id, amount]).then(() =>
+              q(tx, 'insert into refunds values ($1, $2)', [id, amount]),
+            ),
+          ];
+    },
+  });
+
+  for (const kind of db.runners) {
+    it(`refunds exactly the total under a race through ${kind.name}`, async () => {
+      const id = 300 + db.runners.indexOf(kind);
+      await db.sql`insert into orders values (${id}, 200)`;
+      const results = await Promise.all(Array.from({ length: 12 }, () => kind.use((r) => withLock(r, `plan:${id}`, plan(id, 50)))));
+      const [o] = await db.sql`select refunded from orders where id = ${id}`;
+      const [s] = await db.sql`select coalesce(sum(amount), 0)::int as sum from refunds where order_id = ${id}`;
+      expect(o!.refunded).toBe(200);
+      expect(s!.sum).toBe(200);
+      expect(results.filter((r) => r.written.length > 0)).toHaveLength(4);
+      expect(results.every((r) => Array.isArray(r.read))).toBe(true);
+    });
+  }
+
+  it('takes two round trips on a postgres.js pool, and a failing write rolls everything back', async () => {
+    let writes = 0;
+    const counting = db.newSql({
+      max: 1,
+      socket: async ({ host, port }: { host: string[]; port: number[] }) => {
+        const { connect } = await import('node:net');
+        const sock = connect(port[0]!, host[0]!);
+        const write = sock.write.bind(sock);
+        sock.write = ((...args: Parameters<typeof write>) => {
+          writes++;
+          return write(...args);
+        }) as typeof sock.write;
+        return sock;
+      },
+    } as never);
+    await db.sql`insert into orders values (399, 100)`;
+    // tagged templates: prepared statements, so nothing waits for a Describe
+    const pgjsPlan = {
+      read: (tx: postgres.TransactionSql) => tx`select total, refunded from orders where id = 399`,
+      write: async (tx: postgres.TransactionSql, rows: postgres.Row[]) =>
+        rows[0]!.refunded + 10 > rows[0]!.total
+          ? []
+          : [tx`update orders set refunded = refunded + 10 where id = 399`, tx`insert into refunds values (399, 10)`],
+    };
+    await withLock(counting, 'plan:399', pgjsPlan); // warm-up: statements get prepared
+    writes = 0;
+    const r = await withLock(counting, 'plan:399', pgjsPlan);
+    expect(r.written).toHaveLength(2);
+    expect(writes).toBe(2);
+    await expect(
+      withLock(counting, 'plan:399', {
+        read: (tx: postgres.TransactionSql) => tx`select 1`,
+        write: (tx: postgres.TransactionSql) => [tx`update orders set refunded = refunded + 1 where id = 399`, tx`select 1/0`],
+      }),
+    ).rejects.toMatchObject({ code: '22012' });
+    const [o] = await db.sql`select refunded from orders where id = 399`;
+    expect(o!.refunded).toBe(20);
+  });
+
+  it('with the key taken, try reports not acquired and never calls write', async () => {
+    let wrote = false;
+    const holder = withLock(db.sql, 'plan-busy', () => sleep(300));
+    await sleep(50);
+    const out = await tryWithLock(db.sql, 'plan-busy', {
+      read: (tx) => tx`select 1 as one`,
+      write: () => {
+        wrote = true;
+        return [];
+      },
+    });
+    expect(out).toEqual({ acquired: false });
+    expect(wrote).toBe(false);
+    await expect(withLock(db.sql, 'plan-busy', { read: (tx) => tx`select 1`, write: () => [] }, { timeoutMs: 50 })).rejects.toBeInstanceOf(
+      LockTimeoutError,
+    );
+    await holder;
+    await expect(withLock(db.sql, 'plan-x', { read: (tx) => tx`select 1`, write: () => 5 as never })).rejects.toBeInstanceOf(
+      InvalidOptionError,
+    );
   });
 });

@@ -164,7 +164,7 @@ describe('small exports', () => {
     const results = await Promise.all([order(a, 'dl-1', 'dl-2'), order(b, 'dl-2', 'dl-1')]);
     const victims = results.filter((r) => r instanceof api.DeadlockError);
     expect(victims).toHaveLength(1);
-    expect(victims[0].code).toBe('PGCOORD_DEADLOCK');
+    expect(victims[0]!.code).toBe('PGCOORD_DEADLOCK');
     expect(results).toContain('done');
   });
 });
