@@ -223,21 +223,38 @@ async function sqlSavepoint<T>(conn: Conn, fn: (conn: Conn) => Promise<T>): Prom
 // connection when it closes: never wait for a batch past the moment the connection is lost.
 function untilLost<T>(pending: Promise<T>, lost: AbortSignal): Promise<T> {
   if (lost.aborted) return Promise.reject(lost.reason);
+  if (lost === never) return pending;
+  // One 'abort' listener per signal, fanning out to the batches waiting on it: cheaper than an
+  // EventTarget listener added and removed for every batch.
+  let waiting = lostWaiters.get(lost);
+  if (!waiting) {
+    const set = new Set<(reason: unknown) => void>();
+    waiting = set;
+    lostWaiters.set(lost, set);
+    lost.addEventListener(
+      'abort',
+      () => {
+        for (const reject of set) reject(lost.reason);
+      },
+      { once: true },
+    );
+  }
+  const set = waiting;
   return new Promise<T>((resolve, reject) => {
-    const onLost = () => reject(lost.reason);
-    lost.addEventListener('abort', onLost, { once: true });
+    set.add(reject);
     pending.then(
       (v) => {
-        lost.removeEventListener('abort', onLost);
+        set.delete(reject);
         resolve(v);
       },
       (e) => {
-        lost.removeEventListener('abort', onLost);
+        set.delete(reject);
         reject(e);
       },
     );
   });
 }
+const lostWaiters = new WeakMap<AbortSignal, Set<(reason: unknown) => void>>();
 
 // The rows of a batch, or its error. With COMMIT in the batch, a lost connection means the commit's
 // fate is unknown (the statements may have run and committed with only the answers lost).
@@ -338,6 +355,8 @@ function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQu
       // whatever the backend runs when it arrives, so cancelling later (fast) statements of the
       // pipeline could land on the next unrelated statement. Once the blocking one fails, the
       // transaction is aborted and the rest fail fast.
+      if (!signal)
+        return settle(await settledUnlessLost(queries, lost, committing), lost, committing).slice(skip, skip + statements.length);
       const settled = new Set<PgjsQuery>();
       for (const q of queries)
         q.then(
@@ -347,11 +366,11 @@ function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQu
       const cancel = () => {
         queries.find((q) => !settled.has(q))?.cancel();
       };
-      signal?.addEventListener('abort', cancel, { once: true });
+      signal.addEventListener('abort', cancel, { once: true });
       try {
         return settle(await settledUnlessLost(queries, lost, committing), lost, committing).slice(skip, skip + statements.length);
       } finally {
-        signal?.removeEventListener('abort', cancel);
+        signal.removeEventListener('abort', cancel);
       }
     },
   };

@@ -26,10 +26,8 @@ export const advisoryBegin: Strategy = {
 };
 
 /**
- * pgcoord's shape today (`withLock`), statement for statement: [BEGIN + lock] issued together,
- * then each statement of the callback, then COMMIT. Like pgcoord's driver seam, the lock statement
- * goes through `unsafe(text, params)` without `prepare`, so postgres.js sends it as Parse + Describe
- * and waits for the parameter types before Bind + Execute: [BEGIN + lock] costs 2 round trips, 5 in all.
+ * pgcoord's callback shape (`withLock(sql, key, async (tx) => ...)`), statement for statement:
+ * [BEGIN + lock] issued together, then each statement of the callback, then COMMIT: 4 round trips.
  */
 export const advisorySame: Strategy = {
   id: 'advisory/same',
@@ -40,7 +38,7 @@ export const advisorySame: Strategy = {
   dedupes: false,
   refund: ({ sql, gateway }, req) =>
     onReserved(sql, async (c) => {
-      await pipeline(c, [['begin'], [ADVISORY_LOCK, [req.orderId], { prepare: false }]]);
+      await pipeline(c, [['begin'], [ADVISORY_LOCK, [req.orderId]]]);
       const o = order(await c.unsafe(SELECT_ORDER, [req.orderId], PREPARED));
       if (!fits(o, req.amount)) {
         await c.unsafe('commit');

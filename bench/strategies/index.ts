@@ -6,7 +6,7 @@ import { guarded } from './guarded.js';
 import { idempotency } from './idempotency.js';
 import { naive } from './naive.js';
 import { optimistic } from './optimistic.js';
-import { pgcoordAdvisory } from './pgcoord-advisory.js';
+import { pgcoordAdvisory, pgcoordAdvisoryCallback } from './pgcoord-advisory.js';
 import { pgcoordForUpdate, pgcoordGuarded, pgcoordIdempotency, pgcoordOptimistic, pgcoordSerializable } from './pgcoord-others.js';
 import { redisLock } from './redis.js';
 import { forUpdateSame, guardedSame } from './same-shape.js';
@@ -29,6 +29,7 @@ export const strategies: readonly Strategy[] = [
   advisorySame,
   advisoryBest,
   pgcoordAdvisory,
+  pgcoordAdvisoryCallback,
   optimistic,
   pgcoordOptimistic,
   serializableBegin,

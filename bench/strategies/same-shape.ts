@@ -1,13 +1,11 @@
 // Hand-written twins of pgcoord strategies in pgcoord's exact SQL shape: the statements pgcoord
-// sends (captured with postgres.js's `debug` hook), in the same round trips. pgcoord's driver seam
-// sends its own statements through `unsafe(text, params)` without `prepare`, so postgres.js sends
-// each as Parse + Describe and waits for the parameter types before Bind + Execute: the twins do
-// the same (`{ prepare: false }`), so the ratio pgcoord / twin measures pgcoord's JavaScript only.
+// sends (captured with postgres.js's `debug` hook), in the same round trips, prepared as pgcoord's
+// are, so the ratio pgcoord / twin measures pgcoord's JavaScript only.
 import { ADD_REFUND, INSERT_REFUND } from '../sql.js';
 import { onReserved, order, PREPARED, pipeline } from './reserved.js';
 import { fits, type Strategy } from './types.js';
 
-const UNPREPARED = { prepare: false } as const;
+const AS_PGCOORD = { prepare: true } as const; // pgcoord prepares its statements too
 
 /** What `withRowLock(sql, { table: 'orders', key: { id } }, ...)` sends to lock and read the row. */
 const ROW_LOCK = 'select * from "orders" where "id" = $1 limit $2 for update';
@@ -28,7 +26,7 @@ export const forUpdateSame: Strategy = {
   dedupes: false,
   refund: ({ sql, gateway }, req) =>
     onReserved(sql, async (c) => {
-      const [, rows] = await pipeline(c, [['begin'], [ROW_LOCK, [req.orderId, 2], UNPREPARED]]);
+      const [, rows] = await pipeline(c, [['begin'], [ROW_LOCK, [req.orderId, 2], AS_PGCOORD]]);
       if (!fits(order(rows), req.amount)) {
         await c.unsafe('commit');
         return 'rejected';
@@ -50,7 +48,7 @@ export const guardedSame: Strategy = {
   dedupes: false,
   async refund({ sql, gateway }, req) {
     const applied = await onReserved(sql, async (c) => {
-      const [, rows] = await pipeline(c, [['begin'], [PGCOORD_GUARDED, [req.amount, req.orderId], UNPREPARED]]);
+      const [, rows] = await pipeline(c, [['begin'], [PGCOORD_GUARDED, [req.amount, req.orderId], AS_PGCOORD]]);
       const ok = rows?.[0]?.pgcoord_applied === true;
       if (ok) await c.unsafe(INSERT_REFUND, [req.orderId, req.amount, req.requestId], PREPARED);
       await c.unsafe('commit');
