@@ -296,6 +296,33 @@ async function checkout<C>(pending: Promise<C>): Promise<C> {
 
 // ---------------------------------------------------------------- postgres.js
 
+// postgres.js 3.4.9 can lose a reservation request when its connection attempt fails (seen after a
+// server restart): the promise never settles. Bound the wait by the pool's own connect_timeout
+// (default 30 s); a reservation that arrives after that is handed straight back.
+function reserveWithin(sql: Fn): Promise<Fn> {
+  const seconds = Number((sql.options as { connect_timeout?: unknown } | undefined)?.connect_timeout ?? 30);
+  const ms = Number.isFinite(seconds) && seconds > 0 ? seconds * 1000 : 30_000;
+  const pending = (sql.reserve as () => Promise<Fn>)();
+  return new Promise<Fn>((resolve, reject) => {
+    let late = false;
+    const timer = setTimeout(() => {
+      late = true;
+      reject(new ConnectionLostError(`no database connection within ${ms} ms (connect_timeout); nothing was run`));
+    }, ms);
+    pending.then(
+      (reserved) => {
+        clearTimeout(timer);
+        if (late) (reserved.release as () => void)();
+        else resolve(reserved);
+      },
+      (err) => {
+        clearTimeout(timer);
+        reject(err);
+      },
+    );
+  });
+}
+
 const prepared = { prepare: true };
 
 interface PgjsQuery extends Promise<Row[]> {
@@ -398,7 +425,7 @@ interface Pinned {
  * through `capture()` (parameterless, so postgres.js calls `onexecute` for it).
  */
 export async function pinPgjs(sql: Fn, beforeStatement?: () => void): Promise<Pinned> {
-  const raw = await checkout((sql.reserve as () => Promise<Fn>)());
+  const raw = await checkout(reserveWithin(sql));
   const controller = new AbortController();
   let connection: PgjsConnection | undefined;
   let captured: PgjsQuery | undefined;

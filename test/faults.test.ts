@@ -80,11 +80,10 @@ describe('connection faults through pgcoord (installed, unpatched drivers)', () 
     expect(r).toMatchObject({ ackedMissing: 0, overRefunded: 0, mismatched: 0 });
     expect(r!.acked as number).toBeGreaterThan(0);
     expect(r!.next).toEqual({ 'postgres.js': true, 'drizzle postgres-js': true, pg: true, 'drizzle pg': true });
-    // every failure was typed: lost before commit, or commit outcome unknown (or, postgres.js
-    // only, an operation its pool left hanging past the restart: see README, known driver issues)
-    for (const code of Object.keys(r!.errors as object))
-      expect(['PGCOORD_CONNECTION_LOST', 'PGCOORD_COMMIT_UNKNOWN', 'STUCK']).toContain(code);
-    for (const name of Object.keys(r!.stuck as object)) expect(['postgres.js', 'drizzle postgres-js']).toContain(name);
+    // every failure was typed: lost before commit, or commit outcome unknown; nothing hung (a
+    // postgres.js reservation lost in the restart is bounded by the pool's connect_timeout)
+    for (const code of Object.keys(r!.errors as object)) expect(['PGCOORD_CONNECTION_LOST', 'PGCOORD_COMMIT_UNKNOWN']).toContain(code);
+    expect(r!.stuck).toEqual({});
   });
 });
 
