@@ -89,24 +89,27 @@ describe('session locks', () => {
     }
   });
 
-  it('a keepalive probe with no answer aborts the signal and closes the connection', async () => {
-    const lock = await acquireSessionLock(db.pool, 'stalled', { keepaliveMs: 300 });
-    try {
-      process.kill(lock.pid, 'SIGSTOP'); // the backend stops answering but the socket stays open
-    } catch {
-      await lock.release();
-      return; // the server is not on this machine (or not ours to signal): nothing to stall
-    }
-    try {
-      await aborted(lock.signal);
-      expect(lock.signal.reason).toBeInstanceOf(LockLostError);
-    } finally {
-      process.kill(lock.pid, 'SIGCONT');
-    }
-    // the connection was closed, not returned to the pool: its backend goes away and the lock with it
-    for (let i = 0; i < 50 && (await advisoryHolders()).length; i++) await sleep(100);
-    expect(await advisoryHolders()).toEqual([]);
-  });
+  for (const [name, pool] of [
+    ['postgres.js', db.sql],
+    ['pg', db.pool],
+  ] as const) {
+    it(`a keepalive probe with no answer aborts the signal and drops the connection (${name})`, async () => {
+      const lock = await acquireSessionLock(pool, `stalled-${name}`, { keepaliveMs: 300 });
+      // the backend stops answering but its socket stays open (the server runs on this machine:
+      // the embedded one, or DATABASE_URL's local PostgreSQL, both ours to signal as root)
+      process.kill(lock.pid, 'SIGSTOP');
+      try {
+        await aborted(lock.signal);
+        expect(lock.signal.reason).toBeInstanceOf(LockLostError);
+      } finally {
+        process.kill(lock.pid, 'SIGCONT');
+      }
+      // the connection was ended, not returned to the pool: its backend goes away and the lock with it
+      for (let i = 0; i < 50 && (await advisoryHolders()).length; i++) await sleep(100);
+      expect(await advisoryHolders()).toEqual([]);
+      expect(await withLock(pool, 'after-stall', () => 'pool serves')).toBe('pool serves');
+    });
+  }
 
   it('refuses transactions, single clients and bad options with typed errors', async () => {
     await expect(db.sql.begin((tx) => acquireSessionLock(tx, 'x'))).rejects.toBeInstanceOf(UnsupportedRunnerError);
