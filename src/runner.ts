@@ -305,22 +305,47 @@ function reserveWithin(sql: Fn): Promise<Fn> {
   const pending = (sql.reserve as () => Promise<Fn>)();
   return new Promise<Fn>((resolve, reject) => {
     let late = false;
-    const timer = setTimeout(() => {
-      late = true;
-      reject(new ConnectionLostError(`no database connection within ${ms} ms (connect_timeout); nothing was run`));
-    }, ms);
+    const entry = {
+      deadline: performance.now() + ms,
+      expire() {
+        late = true;
+        reject(new ConnectionLostError(`no database connection within ${ms} ms (connect_timeout); nothing was run`));
+      },
+    };
+    watch(entry);
     pending.then(
       (reserved) => {
-        clearTimeout(timer);
+        reservations.delete(entry);
         if (late) (reserved.release as () => void)();
         else resolve(reserved);
       },
       (err) => {
-        clearTimeout(timer);
+        reservations.delete(entry);
         reject(err);
       },
     );
   });
+}
+
+// One coarse (1 s) watchdog for all pending reservations instead of a timer per transaction.
+const reservations = new Set<{ deadline: number; expire(): void }>();
+let watchdog: NodeJS.Timeout | undefined;
+function watch(entry: { deadline: number; expire(): void }): void {
+  reservations.add(entry);
+  if (watchdog) return;
+  watchdog = setInterval(() => {
+    const now = performance.now();
+    for (const r of reservations) {
+      if (r.deadline > now) continue;
+      reservations.delete(r);
+      r.expire();
+    }
+    if (reservations.size === 0) {
+      clearInterval(watchdog);
+      watchdog = undefined;
+    }
+  }, 1000);
+  watchdog.unref();
 }
 
 const prepared = { prepare: true };
@@ -412,6 +437,8 @@ interface PgjsConnection {
 interface Pinned {
   /** The reserved handle, guarded: it refuses statements once the connection is lost. */
   sql: Fn;
+  /** What the guarded handle adds: `savepoint()` inside pgcoord's own transaction. */
+  extra: { savepoint?: unknown };
   raw: Fn;
   lost: AbortSignal;
   /** First statement to send on this connection; it captures the driver connection object. */
@@ -438,26 +465,35 @@ export async function pinPgjs(sql: Fn, beforeStatement?: () => void): Promise<Pi
     if (released) throw new ConnectionLostError('this pgcoord transaction handle is no longer usable: its transaction has ended');
     beforeStatement?.();
   };
+  const wrapped = new Map<PropertyKey, unknown>(); // guarded unsafe/file, made once per pin
+  const extra: { savepoint?: unknown } = {};
   const guarded = new Proxy(raw, {
     apply(target, self, args) {
       guard();
       return Reflect.apply(target, self, args);
     },
     get(target, prop) {
-      const value = Reflect.get(target, prop);
+      if (prop === 'savepoint') return extra.savepoint;
       if (prop === 'unsafe' || prop === 'file') {
-        return (...args: unknown[]) => {
-          guard();
-          return (value as Fn).apply(target, args);
-        };
+        let w = wrapped.get(prop);
+        if (!w) {
+          const value = Reflect.get(target, prop) as Fn;
+          w = (...args: unknown[]) => {
+            guard();
+            return value.apply(target, args);
+          };
+          wrapped.set(prop, w);
+        }
+        return w;
       }
       if (prop === 'release' || prop === 'reserve' || prop === 'end' || prop === 'begin') return undefined;
-      return value;
+      return Reflect.get(target, prop);
     },
   }) as Fn;
   return {
     sql: guarded,
     raw,
+    extra,
     lost: controller.signal,
     // On a freshly reserved connection nothing is in flight, so postgres.js always calls
     // onexecute for this first statement (it skips it only past its pipeline limit, #1189).
@@ -496,7 +532,8 @@ async function pgjsOwn<T>(sql: Fn, begin: string, drizzleDb: AnyObj | undefined,
     conn?.begin();
   });
   conn = pgjsConn(pin.raw, true, pin.lost, () => pin.capture(begin));
-  const withSavepoint = savepointable(pin.sql, conn);
+  pin.extra.savepoint = savepointOn(pin.sql, conn);
+  const withSavepoint = pin.sql;
   const scope: Scope<unknown> = {
     conn,
     call: (fn) => (drizzleDb ? drizzlePgjsTx(drizzleDb, withSavepoint, fn) : Promise.resolve(fn(withSavepoint))),
@@ -509,11 +546,11 @@ async function pgjsOwn<T>(sql: Fn, begin: string, drizzleDb: AnyObj | undefined,
   );
 }
 
-// The handle a postgres.js caller gets inside pgcoord's transaction: the guarded reserved
-// connection plus `savepoint()`, so it reads like an `sql.begin` handle.
-function savepointable(guarded: Fn, conn: Conn): Fn {
+// `savepoint()` for the handle a postgres.js caller gets inside pgcoord's transaction, so it reads
+// like an `sql.begin` handle.
+function savepointOn(handle: Fn, conn: Conn) {
   let n = 0;
-  const savepoint = async (nameOrFn: unknown, maybeFn?: unknown) => {
+  return async (nameOrFn: unknown, maybeFn?: unknown) => {
     const fn = (typeof nameOrFn === 'function' ? nameOrFn : maybeFn) as (h: Fn) => unknown;
     const name = `pgcoord_sp${++n}`;
     await conn.send([{ text: `savepoint ${name}` }]);
@@ -526,12 +563,6 @@ function savepointable(guarded: Fn, conn: Conn): Fn {
       throw err;
     }
   };
-  const handle = new Proxy(guarded, {
-    get(target, prop) {
-      return prop === 'savepoint' ? savepoint : Reflect.get(target, prop);
-    },
-  }) as Fn;
-  return handle;
 }
 
 // A drizzle tx over pgcoord's own postgres.js transaction. drizzle's PostgresJsSession.transaction
