@@ -645,17 +645,36 @@ export async function cancelPg(client: AnyObj): Promise<void> {
   setTimeout(() => (canceller.connection as { end(): void } | undefined)?.end(), 2000).unref();
 }
 
+// Watch a pg client pgcoord uses: 'error' / 'end' abort `lost` (pg emits 'error' on an idle client
+// whose connection dies; without a listener Node would throw). `release` stops watching and, for a
+// pooled client, gives it back, or destroys it when it failed or may still hold something.
+function watchPg(client: AnyObj, pooled: boolean): { lost: AbortSignal; release(poisoned?: boolean): void } {
+  const controller = new AbortController();
+  const onError = (err?: unknown) => controller.abort(new ConnectionLostError(undefined, { cause: err }));
+  const on = client.on as (e: string, f: (err?: unknown) => void) => void;
+  const off = client.off as (e: string, f: (err?: unknown) => void) => void;
+  on.call(client, 'error', onError);
+  on.call(client, 'end', onError);
+  let released = false;
+  return {
+    lost: controller.signal,
+    release(poisoned = false) {
+      if (released) return;
+      released = true;
+      off.call(client, 'error', onError);
+      off.call(client, 'end', onError);
+      if (!pooled) return; // a client of the caller's: not ours to give back or close
+      const drop = poisoned || controller.signal.aborted;
+      (client.release as (e?: unknown) => void)(drop ? new Error('pgcoord: connection dropped') : undefined);
+    },
+  };
+}
+
 async function pgOwn<T>(k: Kind & { kind: 'pg-pool' | 'pg-client' }, begin: string, body: (s: Scope<unknown>) => Promise<T>): Promise<T> {
   const pooled = k.kind === 'pg-pool';
   const client = pooled ? await checkout((k.pool.connect as () => Promise<AnyObj>).call(k.pool)) : k.client;
-  const controller = new AbortController();
-  const onError = (err: unknown) => controller.abort(new ConnectionLostError(undefined, { cause: err }));
-  const on = client.on as (e: string, f: (err?: unknown) => void) => void;
-  const off = client.off as (e: string, f: (err?: unknown) => void) => void;
-  // pg emits 'error' on an idle client whose connection dies; without a listener Node would throw.
-  on.call(client, 'error', onError);
-  on.call(client, 'end', onError);
-  const conn = pgConn(client, true, controller.signal, begin);
+  const watched = watchPg(client, pooled);
+  const conn = pgConn(client, true, watched.lost, begin);
   const scope: Scope<unknown> = {
     conn,
     call: async (fn) => {
@@ -665,18 +684,7 @@ async function pgOwn<T>(k: Kind & { kind: 'pg-pool' | 'pg-client' }, begin: stri
     },
   };
   const query = client.query as (text: string) => Promise<unknown>;
-  return finish(
-    conn,
-    body(scope),
-    (text) => query.call(client, text),
-    (poisoned) => {
-      off.call(client, 'error', onError);
-      off.call(client, 'end', onError);
-      if (controller.signal.aborted || poisoned) {
-        if (pooled) (client.release as (e: unknown) => void)(new Error('pgcoord: connection dropped'));
-      } else if (pooled) (client.release as () => void)();
-    },
-  );
+  return finish(conn, body(scope), (text) => query.call(client, text), watched.release);
 }
 
 async function drizzlePgTx<T>(db: AnyObj, client: AnyObj, fn: (tx: unknown) => T | Promise<T>): Promise<T> {
@@ -776,26 +784,11 @@ export async function pinConnection(runner: Runner): Promise<PinnedConn> {
   }
   if (k.kind === 'pg-pool') {
     const client = await checkout((k.pool.connect as () => Promise<AnyObj>).call(k.pool));
-    const controller = new AbortController();
-    const onError = (err?: unknown) => controller.abort(new ConnectionLostError(undefined, { cause: err }));
-    const on = client.on as (e: string, f: (err?: unknown) => void) => void;
-    const off = client.off as (e: string, f: (err?: unknown) => void) => void;
-    on.call(client, 'error', onError);
-    on.call(client, 'end', onError);
-    const conn = pgConn(client, false, controller.signal);
-    let released = false;
-    const release = (poisoned = false) => {
-      if (released) return;
-      released = true;
-      off.call(client, 'error', onError);
-      off.call(client, 'end', onError);
-      (client.release as (e?: unknown) => void)(
-        poisoned || controller.signal.aborted ? new Error('pgcoord: connection dropped') : undefined,
-      );
-    };
+    const { lost, release } = watchPg(client, true);
+    const conn = pgConn(client, false, lost);
     try {
       const [[row]] = (await conn.send([{ text: 'select pg_backend_pid()::int as pid' }])) as [Row[]];
-      return { conn, pid: Number(row?.pid), lost: controller.signal, release };
+      return { conn, pid: Number(row?.pid), lost, release };
     } catch (err) {
       release(true);
       throw err;
