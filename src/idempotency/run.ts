@@ -51,7 +51,7 @@
 import { randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { timeoutStatements } from '../advisory.js';
-import { AbortedError, CommitUnknownError, InvalidOptionError, PgcoordError, sqlState } from '../errors.js';
+import { AbortedError, InvalidOptionError, PgcoordError, sqlState } from '../errors.js';
 import type { HandleOf } from '../handles.js';
 import { type Conn, type Isolation, inTransaction, type Row, type Runner, runnerKind, type Statement } from '../runner.js';
 import {
@@ -516,21 +516,10 @@ export async function beginIdempotent<H>(runner: Runner, options: IdempotencyOpt
   }
 }
 
-// Conn.send, but never waiting past the connection's loss. When postgres.js (3.4.9) must describe a
-// statement first (its first run on a connection, or every run on a pool made with
-// `prepare: false`), it holds the statements behind it in the reserved connection's own queue, and
-// a connection that closes then drops that queue without settling them: a send waiting for all of
-// them would wait forever (seen with the connection killed while `complete` ran, COMMIT queued).
-// Lost with COMMIT in the batch, the outcome is unknown (the COMMIT may have run).
+// Conn.send with COMMIT in the batch when asked (pgcoord's own transaction only). Conn.send never
+// waits past the connection's loss, and reports a loss with COMMIT in the batch as CommitUnknownError.
 function send(conn: Conn, statements: readonly Statement[], signal?: AbortSignal, commit = false): Promise<Row[][]> {
-  const lost = conn.lost;
-  const sent = conn.send(statements, signal, commit ? { commit } : undefined);
-  if (lost.aborted) return sent;
-  return new Promise((resolve, reject) => {
-    const onLost = () => reject(commit && conn.own ? new CommitUnknownError({ cause: lost.reason }) : lost.reason);
-    lost.addEventListener('abort', onLost, { once: true });
-    sent.then(resolve, reject).finally(() => lost.removeEventListener('abort', onLost));
-  });
+  return conn.send(statements, signal, commit ? { commit } : undefined);
 }
 
 function lockTimeoutMs(left: number): number {
