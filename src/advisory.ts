@@ -1,6 +1,6 @@
 import { performance } from 'node:perf_hooks';
 import { AbortedError, DeadlockError, InvalidOptionError, LockNotAcquiredError, LockTimeoutError, sqlState } from './errors.js';
-import { publish } from './events.js';
+import { publish, watched } from './events.js';
 import type { HandleOf } from './handles.js';
 import { type LockKey, type LockKeyInput, lockKeys } from './keys.js';
 import { type Conn, inTransaction, type Runner, type Scope, type Statement, type TransactionOptions } from './runner.js';
@@ -109,32 +109,31 @@ export function outcomeOf(err: unknown): string {
  * to the savepoint also releases a lock the server granted in the same instant it raised
  * lock_timeout).
  */
-async function lockInTransaction(conn: Conn, req: LockRequest): Promise<boolean> {
+function lockInTransaction(conn: Conn, req: LockRequest): Promise<boolean> {
   const tryOnly = req.timeoutMs === 0;
   const fn = `pg${tryOnly ? '_try' : ''}_advisory_xact_lock${req.shared ? '_shared' : ''}`;
   const locks = lockStatements(req, fn);
   const timed = req.timeoutMs !== undefined && req.timeoutMs > 0 ? timeoutStatements(req.timeoutMs) : undefined;
   const statements: Statement[] = [...(timed ? [timed.before] : []), ...locks, ...(timed ? [timed.after] : [])];
-  const attempt = async (c: Conn) => {
-    let rows: Record<string, unknown>[][];
-    try {
-      rows = await c.send(statements, req.signal);
-    } catch (err) {
-      throw lockError(err, req);
-    }
-    const first = timed ? 1 : 0;
-    if (rows.slice(first, first + locks.length).some((r) => r[0]?.ok === 'false')) throw notFree;
-  };
-  try {
-    // In a caller's transaction, an attempt that may fail on purpose runs under a savepoint.
-    if (!conn.own && (req.timeoutMs !== undefined || req.signal !== undefined)) await conn.savepoint(attempt);
-    else await attempt(conn);
-    return true;
-  } catch (err) {
+  const first = timed ? 1 : 0;
+  const attempt = (c: Conn) =>
+    c.send(statements, req.signal).then(
+      (rows) => {
+        for (let i = first; i < first + locks.length; i++) if (rows[i]?.[0]?.ok === 'false') throw notFree;
+      },
+      (err: unknown) => {
+        throw lockError(err, req);
+      },
+    );
+  // In a caller's transaction, an attempt that may fail on purpose runs under a savepoint.
+  const attempted = !conn.own && (req.timeoutMs !== undefined || req.signal !== undefined) ? conn.savepoint(attempt) : attempt(conn);
+  return attempted.then(yes, (err: unknown) => {
     if (err === notFree) return false;
     throw err;
-  }
+  });
 }
+
+const yes = () => true;
 
 // Thrown inside the savepoint so a partial multi-key try is rolled back; never escapes.
 const notFree = new Error('pgcoord: lock not free');
@@ -184,9 +183,9 @@ function isPgjsQuery(x: unknown): x is PromiseLike<unknown> & { execute(): unkno
 
 async function runPlan<H, R>(scope: Scope<H>, plan: LockPlan<H, R>, locked: Promise<boolean>): Promise<Acquired<LockPlanResult<R>>> {
   // Queue the read behind the lock only where that order is guaranteed; otherwise wait for it.
-  const read1 = async (tx: H): Promise<R> => plan.read(tx);
+  const read1 = plan.read as (tx: H) => Promise<R>; // a thenable is adopted by call()
   const early = scope.conn.pipelines ? scope.call(read1) : undefined;
-  early?.then(undefined, () => {}); // when the lock fails, the read fails too: the lock's error wins
+  early?.then(undefined, noop); // when the lock fails, the read fails too: the lock's error wins
   if (!(await locked)) return { acquired: false };
   const read = await (early ?? scope.call(read1));
   return scope.call(async (tx): Promise<Acquired<LockPlanResult<R>>> => {
@@ -202,6 +201,22 @@ async function runPlan<H, R>(scope: Scope<H>, plan: LockPlan<H, R>, locked: Prom
   });
 }
 
+const noop = () => {};
+
+// Lock events are built only when somebody subscribes (see events.ts).
+function report(which: 'acquire' | 'release', req: LockRequest, outcome: string, asked: number, granted: number, error?: unknown) {
+  const now = performance.now();
+  publish(which, {
+    keys: req.labels,
+    mode: req.shared ? 'shared' : 'exclusive',
+    scope: 'transaction',
+    outcome,
+    waitMs: (granted || now) - asked,
+    ...(which === 'release' ? { holdMs: now - granted } : {}),
+    ...(error !== undefined ? { error } : {}),
+  });
+}
+
 async function run<R extends Runner, T>(
   runner: R,
   keys: readonly LockKeyInput[] | LockKeyInput,
@@ -210,64 +225,34 @@ async function run<R extends Runner, T>(
 ): Promise<Acquired<T>> {
   const req = lockRequest(keys, options);
   if (typeof fn !== 'function' && !isPlan(fn)) throw new InvalidOptionError('the callback must be a function (or a { read, write } plan)');
-  const mode = req.shared ? 'shared' : 'exclusive';
-  const asked = performance.now();
+  const acquire = watched('acquire');
+  const release = watched('release');
+  const asked = acquire || release ? performance.now() : 0;
   let granted = 0;
   let outcome: Acquired<T>;
   try {
     outcome = await inTransaction<HandleOf<R>, Acquired<T>>(runner, options ?? {}, async (scope) => {
       let ok: boolean;
       const locking = lockInTransaction(scope.conn, req);
-      const planned = isPlan(fn) ? runPlan(scope, fn, locking) : undefined;
-      planned?.catch(() => {}); // awaited below once the lock's outcome is published
+      const planned = typeof fn === 'function' ? undefined : runPlan(scope, fn, locking);
+      planned?.catch(noop); // awaited below once the lock's outcome is published
       try {
         ok = await locking;
       } catch (err) {
-        publish('acquire', {
-          keys: req.labels,
-          mode,
-          scope: 'transaction',
-          outcome: outcomeOf(err),
-          waitMs: performance.now() - asked,
-          error: err,
-        });
+        if (acquire) report('acquire', req, outcomeOf(err), asked, 0, err);
         throw err;
       }
-      granted = performance.now();
-      publish('acquire', {
-        keys: req.labels,
-        mode,
-        scope: 'transaction',
-        outcome: ok ? 'acquired' : 'not-acquired',
-        waitMs: granted - asked,
-      });
+      granted = asked && performance.now();
+      if (acquire) report('acquire', req, ok ? 'acquired' : 'not-acquired', asked, granted);
       if (!ok) return { acquired: false };
       if (planned) return (await planned) as Acquired<T>;
       return { acquired: true, value: await scope.call(fn as (tx: HandleOf<R>) => Promise<T> | T) };
     });
   } catch (err) {
-    if (granted)
-      publish('release', {
-        keys: req.labels,
-        mode,
-        scope: 'transaction',
-        outcome: 'error',
-        waitMs: granted - asked,
-        holdMs: performance.now() - granted,
-        error: err,
-      });
+    if (granted && release) report('release', req, 'error', asked, granted, err);
     throw err;
   }
-  if (granted && outcome.acquired) {
-    publish('release', {
-      keys: req.labels,
-      mode,
-      scope: 'transaction',
-      outcome: 'released',
-      waitMs: granted - asked,
-      holdMs: performance.now() - granted,
-    });
-  }
+  if (granted && release && outcome.acquired) report('release', req, 'released', asked, granted);
   return outcome;
 }
 
@@ -304,20 +289,21 @@ export function withLock<R extends Runner, Read>(
   plan: LockPlan<HandleOf<R>, Read>,
   options?: LockOptions,
 ): Promise<LockPlanResult<Read>>;
-export async function withLock<R extends Runner, T>(
+export function withLock<R extends Runner, T>(
   runner: R,
   keys: readonly LockKeyInput[] | LockKeyInput,
   fn: ((tx: HandleOf<R>) => Promise<T> | T) | LockPlan<HandleOf<R>, unknown>,
   options?: LockOptions,
 ): Promise<T> {
-  const result = await run(runner, keys, fn, options);
-  if (!result.acquired)
-    throw new LockNotAcquiredError(
-      lockKeys(keys)
-        .map((k) => k.label)
-        .join(', '),
-    );
-  return result.value;
+  return run(runner, keys, fn, options).then((result) => {
+    if (!result.acquired)
+      throw new LockNotAcquiredError(
+        lockKeys(keys)
+          .map((k) => k.label)
+          .join(', '),
+      );
+    return result.value;
+  });
 }
 
 /**

@@ -27,6 +27,11 @@ export const lockChannels = {
   release: channel('pgcoord:lock:release'),
 } as const;
 
+/** True when somebody listens on the channel: build events only then (they cost on every lock). */
+export function watched(which: keyof typeof lockChannels): boolean {
+  return lockChannels[which].hasSubscribers;
+}
+
 export function publish(which: keyof typeof lockChannels, event: LockEvent): void {
   const ch = lockChannels[which];
   if (ch.hasSubscribers) ch.publish(event);

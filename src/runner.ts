@@ -168,12 +168,18 @@ function beginText(opts: TransactionOptions): string {
  * statements, COMMIT after `body`, ROLLBACK on error) or the caller's (joined; nothing is
  * committed or rolled back here).
  */
-export async function inTransaction<H, T>(runner: Runner, opts: TransactionOptions, body: (scope: Scope<H>) => Promise<T>): Promise<T> {
-  const k = classify(runner);
-  const begin = beginText(opts);
+export function inTransaction<H, T>(runner: Runner, opts: TransactionOptions, body: (scope: Scope<H>) => Promise<T>): Promise<T> {
+  let k: ReturnType<typeof classify>;
+  let begin: string;
+  try {
+    k = classify(runner);
+    begin = beginText(opts);
+  } catch (err) {
+    return Promise.reject(err);
+  }
   switch (k.kind) {
     case 'pgjs-tx':
-      return body(joined(pgjsConn(k.sql, false, never), k.handle ?? k.sql));
+      return body(joined(new PgjsConn(k.sql, false, unwatched), k.handle ?? k.sql));
     case 'pg-in-tx':
       return body(joined(pgConn(k.client, false, never), k.handle ?? k.client));
     case 'pgjs-pool':
@@ -183,8 +189,6 @@ export async function inTransaction<H, T>(runner: Runner, opts: TransactionOptio
       return pgOwn(k, begin, body as (s: Scope<unknown>) => Promise<T>);
   }
 }
-
-const never = new AbortController().signal;
 
 function joined<H>(conn: Conn, handle: unknown): Scope<H> {
   return { conn, call: async (fn) => fn(handle as H) };
@@ -219,46 +223,75 @@ async function sqlSavepoint<T>(conn: Conn, fn: (conn: Conn) => Promise<T>): Prom
   }
 }
 
-// postgres.js 3.4.9 drops, without settling them, statements still queued on a reserved
-// connection when it closes: never wait for a batch past the moment the connection is lost.
-function untilLost<T>(pending: Promise<T>, lost: AbortSignal): Promise<T> {
-  if (lost.aborted) return Promise.reject(lost.reason);
-  if (lost === never) return pending;
-  // One 'abort' listener per signal, fanning out to the batches waiting on it: cheaper than an
-  // EventTarget listener added and removed for every batch.
-  let waiting = lostWaiters.get(lost);
-  if (!waiting) {
-    const set = new Set<(reason: unknown) => void>();
-    waiting = set;
-    lostWaiters.set(lost, set);
-    lost.addEventListener(
-      'abort',
-      () => {
-        for (const reject of set) reject(lost.reason);
-      },
-      { once: true },
-    );
+// What pgcoord needs to know of a lost connection. Cheap to create (one per transaction): the
+// AbortSignal, which costs more than the whole rest of a transaction's bookkeeping, is made only
+// when somebody asks for it (`Conn.lost`), and batches wait on a plain list of waiters.
+class Loss {
+  aborted = false;
+  reason: unknown = undefined;
+  #controller: AbortController | undefined;
+  #waiters: Set<(reason: unknown) => void> | undefined;
+  /** `watched = false`: a connection pgcoord does not watch (a caller's transaction); never aborts. */
+  constructor(readonly watched = true) {}
+
+  get signal(): AbortSignal {
+    if (!this.#controller) {
+      this.#controller = new AbortController();
+      if (this.aborted) this.#controller.abort(this.reason);
+    }
+    return this.#controller.signal;
   }
-  const set = waiting;
-  return new Promise<T>((resolve, reject) => {
-    set.add(reject);
-    pending.then(
-      (v) => {
-        set.delete(reject);
-        resolve(v);
-      },
-      (e) => {
-        set.delete(reject);
-        reject(e);
-      },
-    );
-  });
+
+  abort(reason: unknown): void {
+    if (this.aborted) return;
+    this.aborted = true;
+    this.reason = reason;
+    this.#controller?.abort(reason);
+    if (this.#waiters) for (const reject of this.#waiters) reject(reason);
+  }
+
+  // Every query settled, or the connection lost first. postgres.js 3.4.9 drops, without settling
+  // them, statements still queued on a reserved connection when it closes: never wait for a batch
+  // past the moment the connection is lost. (Promise.allSettled raced against the loss, in one
+  // promise instead of three: this runs twice per transaction.)
+  all(queries: readonly PromiseLike<Row[]>[]): Promise<PromiseSettledResult<Row[]>[]> {
+    if (this.aborted) return Promise.reject(this.reason);
+    if (this.watched) this.#waiters ??= new Set();
+    const waiters = this.#waiters;
+    return new Promise((resolve, reject) => {
+      const results: PromiseSettledResult<Row[]>[] = new Array(queries.length);
+      let left = queries.length;
+      const done = () => {
+        if (--left > 0) return;
+        waiters?.delete(reject);
+        resolve(results);
+      };
+      waiters?.add(reject);
+      if (left === 0) {
+        left = 1;
+        done();
+      }
+      for (let i = 0; i < queries.length; i++)
+        (queries[i] as PromiseLike<Row[]>).then(
+          (value) => {
+            results[i] = { status: 'fulfilled', value };
+            done();
+          },
+          (reason: unknown) => {
+            results[i] = { status: 'rejected', reason };
+            done();
+          },
+        );
+    });
+  }
 }
-const lostWaiters = new WeakMap<AbortSignal, Set<(reason: unknown) => void>>();
+
+const unwatched = new Loss(false);
+const never = unwatched.signal;
 
 // The rows of a batch, or its error. With COMMIT in the batch, a lost connection means the commit's
 // fate is unknown (the statements may have run and committed with only the answers lost).
-function settle(results: PromiseSettledResult<Row[]>[], lost: AbortSignal, committing: boolean): Row[][] {
+function settle(results: PromiseSettledResult<Row[]>[], lost: { aborted: boolean; reason: unknown }, committing: boolean): Row[][] {
   const failed = results.find((r) => r.status === 'rejected');
   if (failed) {
     if (committing && (lost.aborted || results.some((r) => r.status === 'rejected' && isConnectionLost(r.reason)))) {
@@ -267,21 +300,6 @@ function settle(results: PromiseSettledResult<Row[]>[], lost: AbortSignal, commi
     throw lost.aborted && isConnectionLost(failed.reason) ? lost.reason : failed.reason;
   }
   return results.map((r) => (r as PromiseFulfilledResult<Row[]>).value);
-}
-
-// All results, or (the connection lost first) the lost-connection outcome: CommitUnknownError when
-// COMMIT was in the batch.
-async function settledUnlessLost(
-  queries: readonly Promise<Row[]>[],
-  lost: AbortSignal,
-  committing: boolean,
-): Promise<PromiseSettledResult<Row[]>[]> {
-  try {
-    return await untilLost(Promise.allSettled(queries), lost);
-  } catch (err) {
-    for (const q of queries) q.then(undefined, () => {});
-    throw committing ? new CommitUnknownError({ cause: err }) : err;
-  }
 }
 
 // Getting a connection from the pool failed: a server that is down or restarting is reported as
@@ -296,41 +314,45 @@ async function checkout<C>(pending: Promise<C>): Promise<C> {
 
 // ---------------------------------------------------------------- postgres.js
 
+interface Reservation {
+  ms: number;
+  deadline: number;
+  late: boolean;
+  reject(err: unknown): void;
+}
+
 // postgres.js 3.4.9 can lose a reservation request when its connection attempt fails (seen after a
 // server restart): the promise never settles. Bound the wait by the pool's own connect_timeout
-// (default 30 s); a reservation that arrives after that is handed straight back.
-function reserveWithin(sql: Fn): Promise<Fn> {
+// (default 30 s); a reservation that arrives after that is handed straight back. A failure to get
+// a connection (server down or restarting) is the same typed ConnectionLostError as a connection
+// that dies mid-transaction: nothing ran.
+function pinPgjs(sql: Fn): Promise<PgjsPin> {
   const seconds = Number((sql.options as { connect_timeout?: unknown } | undefined)?.connect_timeout ?? 30);
   const ms = Number.isFinite(seconds) && seconds > 0 ? seconds * 1000 : 30_000;
   const pending = (sql.reserve as () => Promise<Fn>)();
-  return new Promise<Fn>((resolve, reject) => {
-    let late = false;
-    const entry = {
-      deadline: performance.now() + ms,
-      expire() {
-        late = true;
-        reject(new ConnectionLostError(`no database connection within ${ms} ms (connect_timeout); nothing was run`));
-      },
-    };
+  return new Promise<PgjsPin>((resolve, reject) => {
+    const entry: Reservation = { ms, deadline: performance.now() + ms, late: false, reject };
     watch(entry);
     pending.then(
       (reserved) => {
         reservations.delete(entry);
-        if (late) (reserved.release as () => void)();
-        else resolve(reserved);
+        if (entry.late) (reserved.release as () => void)();
+        else resolve(new PgjsPin(sql, reserved));
       },
-      (err) => {
+      (err: unknown) => {
         reservations.delete(entry);
-        reject(err);
+        reject(
+          isConnectionLost(err) ? new ConnectionLostError('could not get a database connection; nothing was run', { cause: err }) : err,
+        );
       },
     );
   });
 }
 
 // One coarse (1 s) watchdog for all pending reservations instead of a timer per transaction.
-const reservations = new Set<{ deadline: number; expire(): void }>();
+const reservations = new Set<Reservation>();
 let watchdog: NodeJS.Timeout | undefined;
-function watch(entry: { deadline: number; expire(): void }): void {
+function watch(entry: Reservation): void {
   reservations.add(entry);
   if (watchdog) return;
   watchdog = setInterval(() => {
@@ -338,7 +360,8 @@ function watch(entry: { deadline: number; expire(): void }): void {
     for (const r of reservations) {
       if (r.deadline > now) continue;
       reservations.delete(r);
-      r.expire();
+      r.late = true;
+      r.reject(new ConnectionLostError(`no database connection within ${r.ms} ms (connect_timeout); nothing was run`));
     }
     if (reservations.size === 0) {
       clearInterval(watchdog);
@@ -357,193 +380,239 @@ interface PgjsQuery extends Promise<Row[]> {
   state?: { pid: number | null };
 }
 
-function pgjsConn(sql: Fn, own: boolean, lost: AbortSignal, first?: () => PgjsQuery): Conn & TxState & { begin(): PgjsQuery[] } {
-  const conn: Conn & TxState & { begin(): PgjsQuery[] } = {
-    own,
-    lost,
-    sent: false,
-    ended: false,
-    pipelines: own,
-    async commitAfter(pending) {
-      if (!own) return Promise.all(pending);
-      if (lost.aborted) throw lost.reason;
-      conn.ended = true;
-      const commit = (sql.unsafe as (t: string) => PgjsQuery)('commit').execute();
-      return settle(await settledUnlessLost([...(pending as Promise<Row[]>[]), commit], lost, true), lost, true).slice(0, -1);
-    },
-    // BEGIN, issued (not awaited) at most once: the statement issued right after it shares its
-    // round trip. Used by send() and, lazily, by the user's handle on its first statement.
-    begin() {
-      if (!first || conn.sent) return [];
-      conn.sent = true;
-      const q = first().execute();
-      q.catch(() => {}); // its failure (a lost connection) surfaces on the statements behind it
-      return [q];
-    },
-    // In a caller's sql.begin, postgres.js remembers any failed statement and rethrows it when the
-    // callback ends, even if it was handled: a recoverable failure must go through its savepoint().
-    savepoint:
-      typeof sql.savepoint === 'function' && !own
-        ? (fn) => (sql.savepoint as (f: (sp: Fn) => Promise<unknown>) => Promise<never>)((sp) => fn(pgjsConn(sp, false, lost)))
-        : (fn) => sqlSavepoint(conn, fn),
-    async send(statements: readonly Statement[], signal?: AbortSignal, options?: SendOptions) {
-      if (lost.aborted) throw lost.reason;
-      if (signal?.aborted) throw signal.reason;
-      if (conn.ended) throw new ConnectionLostError('this transaction has already committed');
-      // Issued without awaiting in between: postgres.js writes them in one packet (pipelined).
-      const queries: PgjsQuery[] = conn.begin();
-      const skip = queries.length;
-      const committing = own && options?.commit === true;
-      const all = committing ? [...statements, { text: 'commit' }] : statements;
-      if (committing) conn.ended = true;
-      // Prepared (unless the pool says `prepare: false`, e.g. behind PgBouncer): an unprepared
-      // statement with parameters costs postgres.js a Describe round trip first and stops the
-      // pipeline behind it; a prepared one is described once per connection.
-      for (const s of all)
-        queries.push(
-          (sql.unsafe as (t: string, p: unknown[], o: object) => PgjsQuery)(s.text, (s.params ?? []) as unknown[], prepared).execute(),
-        );
-      // Cancel only the earliest statement still running or queued: a Postgres cancel hits
-      // whatever the backend runs when it arrives, so cancelling later (fast) statements of the
-      // pipeline could land on the next unrelated statement. Once the blocking one fails, the
-      // transaction is aborted and the rest fail fast.
-      if (!signal)
-        return settle(await settledUnlessLost(queries, lost, committing), lost, committing).slice(skip, skip + statements.length);
-      const settled = new Set<PgjsQuery>();
-      for (const q of queries)
-        q.then(
-          () => settled.add(q),
-          () => settled.add(q),
-        );
-      const cancel = () => {
-        queries.find((q) => !settled.has(q))?.cancel();
-      };
-      signal.addEventListener('abort', cancel, { once: true });
-      try {
-        return settle(await settledUnlessLost(queries, lost, committing), lost, committing).slice(skip, skip + statements.length);
-      } finally {
-        signal.removeEventListener('abort', cancel);
-      }
-    },
-  };
-  return conn;
-}
+type Unsafe = (text: string, params?: unknown[], options?: object) => PgjsQuery;
 
 interface PgjsConnection {
   id: number;
   onclose: ((err: unknown) => void) | null;
 }
 
-interface Pinned {
-  /** The reserved handle, guarded: it refuses statements once the connection is lost. */
-  sql: Fn;
-  /** What the guarded handle adds: `savepoint()` inside pgcoord's own transaction. */
-  extra: { savepoint?: unknown };
-  raw: Fn;
-  lost: AbortSignal;
-  /** First statement to send on this connection; it captures the driver connection object. */
-  capture(text: string): PgjsQuery;
-  /** Return the connection to the pool (or drop it, when `poisoned` or lost). */
-  release(poisoned?: boolean): void;
+const noop = () => {};
+
+/**
+ * A reserved postgres.js connection whose death pgcoord observes. The first statement must be
+ * sent through `capture()` (parameterless, so postgres.js calls `onexecute` for it).
+ */
+class PgjsPin {
+  readonly loss = new Loss();
+  released = false;
+  #connection: PgjsConnection | undefined;
+  #captured: PgjsQuery | undefined;
+  // Called by the pool synchronously inside the socket's close handler, before any continuation.
+  readonly #onclose = (err: unknown) => this.loss.abort(new ConnectionLostError(undefined, { cause: err }));
+
+  constructor(
+    readonly pool: Fn,
+    readonly raw: Fn,
+  ) {}
+
+  // On a freshly reserved connection nothing is in flight, so postgres.js always calls onexecute
+  // for this first statement (it skips it only past its pipeline limit, #1189).
+  capture(text: string): PgjsQuery {
+    const onexecute = (c: PgjsConnection) => {
+      this.#connection = c;
+      c.onclose = this.#onclose;
+      return true; // "ready for more": lets the next statements pipeline behind this one
+    };
+    this.#captured = (this.raw.unsafe as Unsafe)(text, [], { onexecute });
+    return this.#captured;
+  }
+
+  /** Refuse a statement on a handle whose connection is lost or given back. */
+  check(): void {
+    if (this.loss.aborted) throw this.loss.reason;
+    if (this.released) throw new ConnectionLostError('this pgcoord transaction handle is no longer usable: its transaction has ended');
+  }
+
+  /** Give the connection back to the pool, or (`poisoned`) end its session: it may still hold something. */
+  release(poisoned = false): void {
+    if (this.released) return;
+    this.released = true;
+    if (this.loss.aborted) return; // the pool already took the dead connection back
+    const pid = this.#captured?.state?.pid;
+    if (poisoned && pid) {
+      // Never back to the pool: another connection ends this backend's session (releasing
+      // whatever it holds) while it is idle, and the pool sees an ordinary close. Not the
+      // driver's terminate() (postgres.js 3.4.9's pool then keeps a slot that never serves
+      // again), and not a self-kill (its FATAL error is carried into the next connection).
+      (this.pool.unsafe as Unsafe)('select pg_terminate_backend($1)', [pid]).catch(noop);
+      return;
+    }
+    if (this.#connection?.onclose === this.#onclose) this.#connection.onclose = null;
+    (this.raw.release as () => void)();
+  }
 }
 
 /**
- * Reserve a postgres.js connection whose death pgcoord observes. The first statement must be sent
- * through `capture()` (parameterless, so postgres.js calls `onexecute` for it).
+ * pgcoord's view of a postgres.js connection: pgcoord's own transaction on a pin (`own`, BEGIN sent
+ * lazily with the first statements), a caller's transaction (joined), or a pinned connection
+ * outside any transaction (session locks).
  */
-export async function pinPgjs(sql: Fn, beforeStatement?: () => void): Promise<Pinned> {
-  const raw = await checkout(reserveWithin(sql));
-  const controller = new AbortController();
-  let connection: PgjsConnection | undefined;
-  let captured: PgjsQuery | undefined;
-  let released = false;
-  const onclose = (err: unknown) => {
-    controller.abort(new ConnectionLostError(undefined, { cause: err }));
+class PgjsConn implements Conn, TxState {
+  sent = false;
+  ended = false;
+
+  constructor(
+    readonly sql: Fn,
+    readonly own: boolean,
+    readonly loss: Loss,
+    readonly pin?: PgjsPin,
+    readonly beginText?: string,
+  ) {}
+
+  get lost(): AbortSignal {
+    return this.loss.signal;
+  }
+
+  get pipelines(): boolean {
+    return this.own;
+  }
+
+  // BEGIN, issued (not awaited) at most once: the statement issued right after it shares its round
+  // trip. Used by send() and, lazily, by the user's handle on its first statement.
+  begin(): PgjsQuery | undefined {
+    if (!this.pin || this.beginText === undefined || this.sent) return undefined;
+    this.sent = true;
+    return this.pin.capture(this.beginText).execute();
+  }
+
+  // In a caller's sql.begin, postgres.js remembers any failed statement and rethrows it when the
+  // callback ends, even if it was handled: a recoverable failure must go through its savepoint().
+  savepoint<T>(fn: (conn: Conn) => Promise<T>): Promise<T> {
+    if (typeof this.sql.savepoint === 'function' && !this.own) {
+      return (this.sql.savepoint as (f: (sp: Fn) => Promise<T>) => Promise<T>)((sp) => fn(new PgjsConn(sp, false, this.loss)));
+    }
+    return sqlSavepoint(this, fn);
+  }
+
+  commitAfter(pending: readonly PromiseLike<unknown>[]): Promise<unknown[]> {
+    if (!this.own) return Promise.all(pending);
+    if (this.loss.aborted) return Promise.reject(this.loss.reason);
+    this.ended = true;
+    const queries = [...(pending as Promise<Row[]>[]), (this.sql.unsafe as Unsafe)('commit').execute()];
+    return this.#settle(queries, true, 0, queries.length - 1);
+  }
+
+  send(statements: readonly Statement[], signal?: AbortSignal, options?: SendOptions): Promise<Row[][]> {
+    if (this.loss.aborted) return Promise.reject(this.loss.reason);
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    if (this.ended) return Promise.reject(new ConnectionLostError('this transaction has already committed'));
+    // Issued without awaiting in between: postgres.js writes them in one packet (pipelined).
+    const queries: PgjsQuery[] = [];
+    const first = this.begin();
+    if (first) queries.push(first);
+    const skip = queries.length;
+    const committing = this.own && options?.commit === true;
+    if (committing) this.ended = true;
+    const unsafe = this.sql.unsafe as Unsafe;
+    // Prepared (unless the pool says `prepare: false`, e.g. behind PgBouncer): an unprepared
+    // statement with parameters costs postgres.js a Describe round trip first and stops the
+    // pipeline behind it; a prepared one is described once per connection.
+    for (const s of statements) queries.push(unsafe(s.text, (s.params ?? []) as unknown[], prepared).execute());
+    if (committing) queries.push(unsafe('commit').execute());
+    const end = skip + statements.length;
+    if (!signal) return this.#settle(queries, committing, skip, end);
+    // Cancel only the earliest statement still running or queued: a Postgres cancel hits whatever
+    // the backend runs when it arrives, so cancelling later (fast) statements of the pipeline could
+    // land on the next unrelated statement. Once the blocking one fails, the transaction is
+    // aborted and the rest fail fast.
+    const settled = new Set<PgjsQuery>();
+    for (const q of queries)
+      q.then(
+        () => settled.add(q),
+        () => settled.add(q),
+      );
+    const cancel = () => {
+      queries.find((q) => !settled.has(q))?.cancel();
+    };
+    signal.addEventListener('abort', cancel, { once: true });
+    return this.#settle(queries, committing, skip, end).finally(() => signal.removeEventListener('abort', cancel));
+  }
+
+  // The rows of queries[from, to), once all have settled; or the lost-connection outcome if the
+  // connection dies first (CommitUnknownError when COMMIT was in the batch).
+  #settle(queries: Promise<Row[]>[], committing: boolean, from: number, to: number): Promise<Row[][]> {
+    return this.loss.all(queries).then(
+      (results) => settle(results, this.loss, committing).slice(from, to),
+      (err: unknown) => {
+        for (const q of queries) q.then(undefined, noop);
+        throw committing ? new CommitUnknownError({ cause: err }) : err;
+      },
+    );
+  }
+}
+
+// The handle a postgres.js caller gets inside pgcoord's own transaction: the reserved connection,
+// refusing statements once the connection is lost or the transaction is over, sending BEGIN ahead
+// of the first statement, without release/end/begin, and with a `savepoint()` like an `sql.begin`
+// handle's.
+function guardedHandle(pin: PgjsPin, conn: PgjsConn): Fn {
+  const before = () => {
+    pin.check();
+    if (conn.ended) throw new ConnectionLostError('this transaction has already committed');
+    // its failure (a lost connection) surfaces on the user's statement behind it
+    conn.begin()?.catch(noop);
   };
-  const guard = () => {
-    if (controller.signal.aborted) throw controller.signal.reason;
-    if (released) throw new ConnectionLostError('this pgcoord transaction handle is no longer usable: its transaction has ended');
-    beforeStatement?.();
-  };
-  const wrapped = new Map<PropertyKey, unknown>(); // guarded unsafe/file, made once per pin
-  const extra: { savepoint?: unknown } = {};
-  const guarded = new Proxy(raw, {
+  const raw = pin.raw;
+  let unsafe: Fn | undefined;
+  let file: Fn | undefined;
+  let savepoint: unknown;
+  const guard = (f: Fn): Fn =>
+    ((...args: unknown[]) => {
+      before();
+      return f.apply(raw, args);
+    }) as Fn;
+  const handle: Fn = new Proxy(raw, {
     apply(target, self, args) {
-      guard();
+      before();
       return Reflect.apply(target, self, args);
     },
     get(target, prop) {
-      if (prop === 'savepoint') return extra.savepoint;
-      if (prop === 'unsafe' || prop === 'file') {
-        let w = wrapped.get(prop);
-        if (!w) {
-          const value = Reflect.get(target, prop) as Fn;
-          w = (...args: unknown[]) => {
-            guard();
-            return value.apply(target, args);
-          };
-          wrapped.set(prop, w);
-        }
-        return w;
+      if (prop === 'unsafe') {
+        unsafe ??= guard(target.unsafe as Fn);
+        return unsafe;
+      }
+      if (prop === 'file') {
+        file ??= guard(target.file as Fn);
+        return file;
+      }
+      if (prop === 'savepoint') {
+        savepoint ??= savepointOn(handle, conn);
+        return savepoint;
       }
       if (prop === 'release' || prop === 'reserve' || prop === 'end' || prop === 'begin') return undefined;
       return Reflect.get(target, prop);
     },
   }) as Fn;
-  return {
-    sql: guarded,
-    raw,
-    extra,
-    lost: controller.signal,
-    // On a freshly reserved connection nothing is in flight, so postgres.js always calls
-    // onexecute for this first statement (it skips it only past its pipeline limit, #1189).
-    capture(text) {
-      const onexecute = (c: PgjsConnection) => {
-        connection = c;
-        c.onclose = onclose;
-        return true; // "ready for more": lets the next statements pipeline behind this one
-      };
-      captured = (raw.unsafe as (t: string, p: unknown[], o: object) => PgjsQuery)(text, [], { onexecute });
-      return captured;
-    },
-    release(poisoned = false) {
-      if (released) return;
-      released = true;
-      if (controller.signal.aborted) return; // the pool already took the dead connection back
-      const pid = captured?.state?.pid;
-      if (poisoned && pid) {
-        // Never back to the pool: another connection ends this backend's session (releasing
-        // whatever it holds) while it is idle, and the pool sees an ordinary close. Not the
-        // driver's terminate() (postgres.js 3.4.9's pool then keeps a slot that never serves
-        // again), and not a self-kill (its FATAL error is carried into the next connection).
-        (sql.unsafe as (t: string, p: unknown[]) => Promise<unknown>)('select pg_terminate_backend($1)', [pid]).catch(() => {});
-        return;
-      }
-      if (connection?.onclose === onclose) connection.onclose = null;
-      (raw.release as () => void)();
-    },
-  };
+  return handle;
 }
 
-async function pgjsOwn<T>(sql: Fn, begin: string, drizzleDb: AnyObj | undefined, body: (s: Scope<unknown>) => Promise<T>): Promise<T> {
-  let conn: ReturnType<typeof pgjsConn> | undefined;
-  const pin = await pinPgjs(sql, () => {
-    if (conn?.ended) throw new ConnectionLostError('this transaction has already committed');
-    conn?.begin();
+function pgjsOwn<T>(sql: Fn, begin: string, drizzleDb: AnyObj | undefined, body: (s: Scope<unknown>) => Promise<T>): Promise<T> {
+  return pinPgjs(sql).then((pin) => {
+    const conn = new PgjsConn(pin.raw, true, pin.loss, pin, begin);
+    let handle: Fn | undefined;
+    const scope: Scope<unknown> = {
+      conn,
+      call: (fn) => {
+        handle ??= guardedHandle(pin, conn);
+        if (drizzleDb) return drizzlePgjsTx(drizzleDb, handle, fn);
+        let r: unknown;
+        try {
+          r = fn(handle);
+        } catch (err) {
+          return Promise.reject(err);
+        }
+        // a postgres.js query is a Promise already: wrapping it would cost a thenable job and a .then
+        return (r instanceof Promise ? r : Promise.resolve(r)) as Promise<never>;
+      },
+    };
+    return finish(
+      conn,
+      () => body(scope),
+      (text) => (pin.raw.unsafe as Unsafe)(text),
+      (poisoned) => pin.release(poisoned),
+    );
   });
-  conn = pgjsConn(pin.raw, true, pin.lost, () => pin.capture(begin));
-  pin.extra.savepoint = savepointOn(pin.sql, conn);
-  const withSavepoint = pin.sql;
-  const scope: Scope<unknown> = {
-    conn,
-    call: (fn) => (drizzleDb ? drizzlePgjsTx(drizzleDb, withSavepoint, fn) : Promise.resolve(fn(withSavepoint))),
-  };
-  return finish(
-    conn,
-    body(scope),
-    (text) => (pin.raw.unsafe as (t: string) => Promise<unknown>)(text),
-    (poisoned) => pin.release(poisoned),
-  );
 }
 
 // `savepoint()` for the handle a postgres.js caller gets inside pgcoord's transaction, so it reads
@@ -684,7 +753,12 @@ async function pgOwn<T>(k: Kind & { kind: 'pg-pool' | 'pg-client' }, begin: stri
     },
   };
   const query = client.query as (text: string) => Promise<unknown>;
-  return finish(conn, body(scope), (text) => query.call(client, text), watched.release);
+  return finish(
+    conn,
+    () => body(scope),
+    (text) => query.call(client, text),
+    watched.release,
+  );
 }
 
 async function drizzlePgTx<T>(db: AnyObj, client: AnyObj, fn: (tx: unknown) => T | Promise<T>): Promise<T> {
@@ -706,13 +780,13 @@ async function drizzlePgTx<T>(db: AnyObj, client: AnyObj, fn: (tx: unknown) => T
 // dead; a commit whose answer is lost with the connection is reported as unknown, not as failed.
 async function finish<T>(
   conn: Conn & TxState,
-  work: Promise<T>,
+  work: () => Promise<T>,
   run: (text: string) => Promise<unknown>,
   release: (poisoned: boolean) => void,
 ): Promise<T> {
   let result: T;
   try {
-    result = await work;
+    result = await work(); // called in here: a synchronous throw still ends the transaction
   } catch (err) {
     if (err instanceof CommitUnknownError) {
       release(true);
@@ -780,7 +854,7 @@ export async function pinConnection(runner: Runner): Promise<PinnedConn> {
   if (k.kind === 'pgjs-pool') {
     const pin = await pinPgjs(k.sql);
     const [row] = (await pin.capture('select pg_backend_pid()::int as pid')) as Row[];
-    return { conn: pgjsConn(pin.raw, false, pin.lost), pid: Number(row?.pid), lost: pin.lost, release: pin.release };
+    return { conn: new PgjsConn(pin.raw, false, pin.loss), pid: Number(row?.pid), lost: pin.loss.signal, release: (p) => pin.release(p) };
   }
   if (k.kind === 'pg-pool') {
     const client = await checkout((k.pool.connect as () => Promise<AnyObj>).call(k.pool));
