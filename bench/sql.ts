@@ -79,6 +79,3 @@ export const IDEMPOTENT_REFUND =
 
 /** A replay's answer: was the first delivery's refund taken? (A fresh statement sees its commit.) */
 export const REPLAY_OUTCOME = 'select exists (select 1 from refunds where request_id = $1) as done';
-
-/** Record a refund as its own statement (for APIs that update the order in a statement of their own). */
-export const INSERT_REFUND = 'insert into refunds (request_id, order_id, amount) values ($3, $1, $2)';

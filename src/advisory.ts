@@ -3,7 +3,7 @@ import { AbortedError, DeadlockError, InvalidOptionError, LockNotAcquiredError, 
 import { publish, watched } from './events.js';
 import type { HandleOf } from './handles.js';
 import { type LockKey, type LockKeyInput, lockKeys } from './keys.js';
-import { type Conn, inTransaction, type Runner, type Scope, type Statement, type TransactionOptions } from './runner.js';
+import { type Conn, commitWith, inTransaction, type Runner, type Scope, type Statement, type TransactionOptions } from './runner.js';
 
 /** Exclusive (one holder) or shared (many shared holders, no exclusive one). */
 export type LockMode = 'exclusive' | 'shared';
@@ -48,26 +48,48 @@ export function lockRequest(input: readonly LockKeyInput[] | LockKeyInput, optio
 
 // One statement per key space, keys already sorted and deduplicated by lockKeys, so every caller
 // takes overlapping sets in the same order. unnest() emits array elements in order and the
-// aggregate calls the lock function once per row in that order.
+// aggregate calls the lock function once per row in that order. The texts are made once per lock
+// function: the same string object every time is also the driver's prepared-statement cache key.
 export function lockStatements(req: LockRequest, fn: string): Statement[] {
+  const texts = lockTexts(fn);
+  if (req.keys.length === 1) {
+    const k = req.keys[0] as LockKey;
+    return [k.space === 'int8' ? { text: texts.one, params: [k.id.toString()] } : { text: texts.pairs, params: [`{${k.a}}`, `{${k.b}}`] }];
+  }
   const int8 = req.keys.filter((k) => k.space === 'int8');
   const pairs = req.keys.filter((k) => k.space === 'pair');
   const out: Statement[] = [];
-  if (int8.length === 1) out.push({ text: `select ${fn}($1::int8)::text as ok`, params: [String(int8[0]!.id)] });
-  else if (int8.length > 1) {
-    out.push({
-      text: `select bool_and(${fn}(k)::text <> 'false')::text as ok from unnest($1::int8[]) as k`,
-      params: [`{${int8.map((k) => k.id).join(',')}}`],
-    });
-  }
+  if (int8.length === 1) out.push({ text: texts.one, params: [String(int8[0]!.id)] });
+  else if (int8.length > 1) out.push({ text: texts.many, params: [`{${int8.map((k) => k.id).join(',')}}`] });
   if (pairs.length > 0) {
-    out.push({
-      text: `select bool_and(${fn}(a, b)::text <> 'false')::text as ok from unnest($1::int4[], $2::int4[]) as t(a, b)`,
-      params: [`{${pairs.map((k) => k.a).join(',')}}`, `{${pairs.map((k) => k.b).join(',')}}`],
-    });
+    out.push({ text: texts.pairs, params: [`{${pairs.map((k) => k.a).join(',')}}`, `{${pairs.map((k) => k.b).join(',')}}`] });
   }
   return out;
 }
+
+const texts = new Map<string, { one: string; many: string; pairs: string }>();
+function lockTexts(fn: string) {
+  let t = texts.get(fn);
+  if (!t) {
+    t = {
+      one: `select ${fn}($1::int8)::text as ok`,
+      many: `select bool_and(${fn}(k)::text <> 'false')::text as ok from unnest($1::int8[]) as k`,
+      pairs: `select bool_and(${fn}(a, b)::text <> 'false')::text as ok from unnest($1::int4[], $2::int4[]) as t(a, b)`,
+    };
+    texts.set(fn, t);
+  }
+  return t;
+}
+
+/** The transaction-scoped lock function for a request: pg[_try]_advisory_xact_lock[_shared]. */
+const xactLockFn = (req: LockRequest) =>
+  req.timeoutMs === 0
+    ? req.shared
+      ? 'pg_try_advisory_xact_lock_shared'
+      : 'pg_try_advisory_xact_lock'
+    : req.shared
+      ? 'pg_advisory_xact_lock_shared'
+      : 'pg_advisory_xact_lock';
 
 // lock_timeout for the wait, statement_timeout off so it cannot fire first; the previous values
 // are kept in custom settings and restored right after, all transaction-local.
@@ -110,11 +132,9 @@ export function outcomeOf(err: unknown): string {
  * lock_timeout).
  */
 function lockInTransaction(conn: Conn, req: LockRequest): Promise<boolean> {
-  const tryOnly = req.timeoutMs === 0;
-  const fn = `pg${tryOnly ? '_try' : ''}_advisory_xact_lock${req.shared ? '_shared' : ''}`;
-  const locks = lockStatements(req, fn);
+  const locks = lockStatements(req, xactLockFn(req));
   const timed = req.timeoutMs !== undefined && req.timeoutMs > 0 ? timeoutStatements(req.timeoutMs) : undefined;
-  const statements: Statement[] = [...(timed ? [timed.before] : []), ...locks, ...(timed ? [timed.after] : [])];
+  const statements: Statement[] = timed ? [timed.before, ...locks, timed.after] : locks;
   const first = timed ? 1 : 0;
   const attempt = (c: Conn) =>
     c.send(statements, req.signal).then(
@@ -174,13 +194,6 @@ function isPlan(x: unknown): x is LockPlan<unknown, unknown> {
   );
 }
 
-// A postgres.js query not sent yet: `.execute()` queues it on its connection, in call order.
-function isPgjsQuery(x: unknown): x is PromiseLike<unknown> & { execute(): unknown } {
-  return typeof x === 'function' || (typeof x === 'object' && x !== null)
-    ? typeof (x as { execute?: unknown }).execute === 'function' && typeof (x as { cancel?: unknown }).cancel === 'function'
-    : false;
-}
-
 async function runPlan<H, R>(scope: Scope<H>, plan: LockPlan<H, R>, locked: Promise<boolean>): Promise<Acquired<LockPlanResult<R>>> {
   // Queue the read behind the lock only where that order is guaranteed; otherwise wait for it.
   const read1 = plan.read as (tx: H) => Promise<R>; // a thenable is adopted by call()
@@ -188,17 +201,7 @@ async function runPlan<H, R>(scope: Scope<H>, plan: LockPlan<H, R>, locked: Prom
   early?.then(undefined, noop); // when the lock fails, the read fails too: the lock's error wins
   if (!(await locked)) return { acquired: false };
   const read = await (early ?? scope.call(read1));
-  return scope.call(async (tx): Promise<Acquired<LockPlanResult<R>>> => {
-    const writes = (await plan.write(tx, read)) ?? [];
-    if (!Array.isArray(writes)) throw new InvalidOptionError("a lock plan's write must return an array of unawaited queries (or nothing)");
-    if (scope.conn.pipelines && writes.every(isPgjsQuery)) {
-      for (const w of writes) (w as { execute(): unknown }).execute(); // queued in order, COMMIT right behind
-      return { acquired: true, value: { read, written: await scope.conn.commitAfter(writes) } };
-    }
-    const written: unknown[] = [];
-    for (const w of writes) written.push(await w);
-    return { acquired: true, value: { read, written } };
-  });
+  return scope.call(async (tx) => ({ acquired: true, value: { read, written: await commitWith(scope.conn, await plan.write(tx, read)) } }));
 }
 
 const noop = () => {};

@@ -139,7 +139,20 @@ export function isConnectionLost(err: unknown): boolean {
  * Check the data (or use an idempotency key) before retrying.
  */
 export class CommitUnknownError extends PgcoordError {
-  constructor(options?: { cause?: unknown }) {
-    super('PGCOORD_COMMIT_UNKNOWN', 'database connection lost during COMMIT: the transaction may or may not have committed', options);
+  constructor(options?: { cause?: unknown; message?: string }) {
+    super(
+      'PGCOORD_COMMIT_UNKNOWN',
+      options?.message ?? 'database connection lost during COMMIT: the transaction may or may not have committed',
+      options && 'cause' in options ? { cause: options.cause } : undefined,
+    );
   }
+}
+
+/** The connection could not even be opened (refused, timed out connecting): nothing was sent. */
+export function isConnectFailure(err: unknown): boolean {
+  for (let e = err, depth = 0; e && typeof e === 'object' && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (code === 'ECONNREFUSED' || code === 'CONNECT_TIMEOUT' || code === 'ENOTFOUND' || code === '57P03') return true;
+  }
+  return false;
 }

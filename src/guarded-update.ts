@@ -1,6 +1,6 @@
 import { AbortedError, InvalidOptionError } from './errors.js';
-import { type Conn, inTransaction, type Row, type Runner, type TransactionOptions } from './runner.js';
-import { compileTarget, quoteIdent } from './sql-target.js';
+import { type Row, type Runner, runStatement, type TransactionOptions } from './runner.js';
+import { compileInsert, compileTarget, type InsertWithUpdate, quoteIdent } from './sql-target.js';
 
 /**
  * A guarded update: `set` is applied to the row with this `key` only if `guard` holds for it.
@@ -15,6 +15,11 @@ export interface GuardedUpdate {
   set: string | Record<string, unknown>;
   guard: string;
   params?: readonly unknown[];
+  /**
+   * Insert a row in the same statement, only when the update applies: the refund record next to
+   * the order it was taken from, with no second statement and no transaction to open.
+   */
+  insert?: InsertWithUpdate;
 }
 
 /** What happened, told apart in the same statement. */
@@ -30,11 +35,17 @@ export interface GuardedUpdateOptions extends TransactionOptions {
  * The one-statement strategy: `UPDATE ... SET ... WHERE key AND guard RETURNING *`, reporting
  * `applied` (with the new row), `guard-failed` (the row exists, the guard is false) or
  * `not-found`, without a second statement and so without a window between the update and the
- * check.
+ * check. With `insert`, a row is inserted in the same statement when (and only when) the update
+ * applies. Given a pool it runs in autocommit (one round trip, no transaction to open); given a
+ * transaction it joins it.
+ *
+ * @throws {@link CommitUnknownError} when the connection is lost while the statement runs in
+ * autocommit (it may have committed), {@link AbortedError}, {@link InvalidOptionError}.
  *
  * @example
  * const r = await guardedUpdate(sql, {
  *   table: 'orders', key: { id }, set: 'refunded = refunded + $1', guard: 'refunded + $1 <= total', params: [amount],
+ *   insert: { into: 'refunds', values: { request_id: requestId, amount }, fromRow: { order_id: 'id' } },
  * });
  * if (r.status === 'applied') console.log(r.row.refunded);
  */
@@ -59,6 +70,7 @@ export async function guardedUpdate<R extends Record<string, unknown> = Row>(
       .map(([column, value]) => `${quoteIdent(column)} = ${t.params.add(value)}`)
       .join(', ');
   else throw new InvalidOptionError('set must be a non-empty SQL fragment or an object of column → value');
+  const insert = update.insert === undefined ? '' : `, pgcoord_i as (${compileInsert(update.insert, t.params, 'pgcoord_u')})`;
 
   // Why one statement is enough and safe (READ COMMITTED):
   // - pgcoord_r locks the row (FOR NO KEY UPDATE, what a plain UPDATE of non-key columns takes) and
@@ -68,31 +80,27 @@ export async function guardedUpdate<R extends Record<string, unknown> = Row>(
   // - pgcoord_u joins pgcoord_r, so it can only update once pgcoord_r has run. It updates the same
   //   row, now locked by us (if its snapshot version is stale, Postgres re-checks the newest version
   //   under our lock, the one the guard was evaluated on), and the SET expressions see that version.
+  // - pgcoord_i (with `insert`) draws its rows from pgcoord_u's RETURNING: it inserts exactly when
+  //   the update applied. A data-modifying CTE runs to completion even though nothing reads it.
   // - The outer select reports the updated row (pgcoord_applied) and how many rows pgcoord_r saw:
   //   0 = not found, else guard failed. Both come from the same locked version; no other statement
   //   can slip between the check and the write. Under REPEATABLE READ / SERIALIZABLE a row changed
   //   since the snapshot fails with 40001 instead (retryable).
   const text = `with pgcoord_r as (select (${guard}) as pgcoord_ok from ${t.table} where ${t.where} for no key update),
-pgcoord_u as (update ${t.table} set ${setText} from pgcoord_r where ${t.where} and pgcoord_r.pgcoord_ok returning ${t.table}.*, true as pgcoord_applied)
+pgcoord_u as (update ${t.table} set ${setText} from pgcoord_r where ${t.where} and pgcoord_r.pgcoord_ok returning ${t.table}.*, true as pgcoord_applied)${insert}
 select (select count(*) from pgcoord_r)::int as pgcoord_found, pgcoord_u.* from (values (1)) as pgcoord_d (x) left join pgcoord_u on true`;
 
-  return inTransaction(runner, options, async (scope) => {
-    const { conn } = scope;
-    const run = async (c: Conn) => (await c.send([{ text, params: t.params.values }], signal))[0] ?? [];
-    let rows: Row[];
-    try {
-      // in a caller's transaction, a cancelled statement is rolled back to a savepoint so the
-      // caller's transaction stays usable
-      rows = signal && !conn.own ? await conn.savepoint(run) : await run(conn);
-    } catch (err) {
-      if (signal?.aborted) throw new AbortedError(`guarded update of ${t.label.replace(/ where true$/, '')} was aborted`, { cause: err });
-      throw err;
-    }
-    const first = rows[0];
-    if (first?.pgcoord_applied === true) {
-      const { pgcoord_found: _found, pgcoord_applied: _applied, ...row } = first;
-      return { status: 'applied', row: row as R };
-    }
-    return Number(first?.pgcoord_found ?? 0) > 0 ? { status: 'guard-failed' } : { status: 'not-found' };
-  });
+  let rows: Row[];
+  try {
+    rows = await runStatement(runner, { text, params: t.params.values }, options);
+  } catch (err) {
+    if (signal?.aborted) throw new AbortedError(`guarded update of ${t.label.replace(/ where true$/, '')} was aborted`, { cause: err });
+    throw err;
+  }
+  const first = rows[0];
+  if (first?.pgcoord_applied === true) {
+    const { pgcoord_found: _found, pgcoord_applied: _applied, ...row } = first;
+    return { status: 'applied', row: row as R };
+  }
+  return Number(first?.pgcoord_found ?? 0) > 0 ? { status: 'guard-failed' } : { status: 'not-found' };
 }

@@ -120,11 +120,13 @@ export {
   NotInTransactionError,
   RowLockedError,
   type RowLockOptions,
+  type RowLockPlan,
+  type RowLockPlanResult,
   RowNotFoundError,
   type RowWait,
   type SqlRowTarget,
   withRowLock,
 } from './row-locks.js';
 export { acquireSessionLock, type SessionLock, type SessionLockOptions, tryAcquireSessionLock } from './session-lock.js';
-export { InvalidIdentifierError, type SqlTarget } from './sql-target.js';
+export { type InsertWithUpdate, InvalidIdentifierError, type SqlTarget } from './sql-target.js';
 export { type Isolation, type Runner, type TransactionOptions, transaction } from './transaction.js';

@@ -111,7 +111,8 @@ export function lockKey(input: LockKeyInput): LockKey {
  * caller uses (int8 keys by value, then pairs), so callers taking overlapping sets never deadlock.
  */
 export function lockKeys(inputs: readonly LockKeyInput[] | LockKeyInput): LockKey[] {
-  const list = Array.isArray(inputs) && !isPair(inputs) ? (inputs as readonly LockKeyInput[]) : [inputs as LockKeyInput];
+  if (!Array.isArray(inputs) || isPair(inputs)) return [lockKey(inputs as LockKeyInput)]; // one key: nothing to sort
+  const list = inputs as readonly LockKeyInput[];
   if (list.length === 0) throw new InvalidKeyError('at least one lock key is needed');
   const seen = new Map<string, LockKey>();
   for (const input of list) {

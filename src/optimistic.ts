@@ -2,8 +2,8 @@ import { and, eq, getTableColumns, getTableName, is, SQL, sql } from 'drizzle-or
 import { type PgColumn, PgTable, type PgUpdateSetSource } from 'drizzle-orm/pg-core';
 import { InvalidOptionError, PgcoordError } from './errors.js';
 import { RowNotFoundError } from './row-locks.js';
-import { inTransaction, type Row, type Runner, type TransactionOptions } from './runner.js';
-import { compileTarget, quoteIdent, type SqlTarget } from './sql-target.js';
+import { inTransaction, type Row, type Runner, runStatement, type TransactionOptions } from './runner.js';
+import { compileInsert, compileTarget, type InsertWithUpdate, quoteIdent, type SqlTarget } from './sql-target.js';
 
 /** A version number as you read it (postgres.js returns int8 as a string). */
 export type Version = number | bigint | string;
@@ -34,6 +34,8 @@ export interface SqlVersionedUpdate extends SqlTarget {
   set: Record<string, unknown>;
   version?: string;
   expected: Version;
+  /** Insert a row in the same statement, only when the update applies (e.g. a ledger record). */
+  insert?: InsertWithUpdate;
 }
 
 /** A versioned update of a drizzle table; the new row comes back typed. */
@@ -100,19 +102,24 @@ export async function updateVersioned(
     return `${quoteIdent(column)} = ${t.params.add(value)}`;
   });
   const expected = t.params.add(u.expected);
-  const text = `update ${t.table} set ${[...sets, `${version} = ${version} + 1`].join(', ')} where ${t.where} and ${version} = ${expected} returning *`;
-  return inTransaction(runner, options, async (scope) => {
-    const [rows] = await scope.conn.send([{ text, params: t.params.values }]);
-    if (rows?.[0]) return rows[0];
-    // The update matched nothing: the row is gone or its version moved. Read which, in the same
-    // transaction (never blocked by row locks); the reported current version is informational.
-    const again = compileTarget(u);
-    const [now] = await scope.conn.send([
-      { text: `select ${version} as v from ${again.table} where ${again.where} limit 1`, params: again.params.values },
-    ]);
-    if (!now?.[0]) throw new RowNotFoundError(t.label);
-    throw new VersionConflictError(t.label, u.expected, now[0].v as Version);
-  });
+  const update1 = `update ${t.table} set ${[...sets, `${version} = ${version} + 1`].join(', ')} where ${t.where} and ${version} = ${expected} returning *`;
+  // With `insert`, the insert draws its rows from the update's RETURNING: it runs exactly when the
+  // update applied, in the same statement.
+  const text =
+    u.insert === undefined
+      ? update1
+      : `with pgcoord_u as (${update1}), pgcoord_i as (${compileInsert(u.insert, t.params, 'pgcoord_u')}) select * from pgcoord_u`;
+  // One statement: in autocommit on a pool (one round trip), inside the caller's transaction otherwise.
+  const rows = await runStatement(runner, { text, params: t.params.values }, options);
+  if (rows[0]) return rows[0];
+  // The update matched nothing: the row is gone or its version moved. Read which (never blocked by
+  // row locks; in the caller's transaction when there is one); the reported version is informational.
+  const again = compileTarget(u);
+  const [now] = await inTransaction(runner, {}, (scope) =>
+    scope.conn.send([{ text: `select ${version} as v from ${again.table} where ${again.where} limit 1`, params: again.params.values }]),
+  );
+  if (!now?.[0]) throw new RowNotFoundError(t.label);
+  throw new VersionConflictError(t.label, u.expected, now[0].v as Version);
 }
 
 async function drizzleVersioned(runner: Runner, u: DrizzleVersionedUpdate<PgTable>, options: TransactionOptions): Promise<Row> {

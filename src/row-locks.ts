@@ -1,11 +1,12 @@
 import { getTableName, is, type SQL, sql } from 'drizzle-orm';
 import { type PgColumn, PgTable } from 'drizzle-orm/pg-core';
-import { timeoutStatements } from './advisory.js';
+import { type PlanWrites, timeoutStatements } from './advisory.js';
 import { withCancel } from './cancel.js';
 import { AbortedError, DeadlockError, InvalidOptionError, LockTimeoutError, PgcoordError, sqlState } from './errors.js';
 import type { HandleOf } from './handles.js';
 import {
   type Conn,
+  commitWith,
   inTransaction,
   type Row,
   type Runner,
@@ -304,9 +305,27 @@ export async function lockRows(tx: Runner, target: AnyTarget, options?: RowLockO
 }
 
 /**
+ * The write-only plan of {@link withRowLock}: `write(row, tx)` decides on the locked row (it may
+ * await, e.g. a payment gateway, still under the lock) and returns its writes **unawaited, in an
+ * array**; pgcoord sends them with COMMIT. On postgres.js given a pool that is two round trips in
+ * all: `[BEGIN, SELECT ... FOR UPDATE]`, then `[writes, COMMIT]`. Return `[]` or nothing to write
+ * nothing.
+ */
+export interface RowLockPlan<Row, H> {
+  write: (row: Row, tx: H) => PlanWrites | Promise<PlanWrites>;
+}
+
+/** What a {@link RowLockPlan} produced: the locked row, and the result of each write. */
+export interface RowLockPlanResult<Row> {
+  row: Row;
+  written: unknown[];
+}
+
+/**
  * Lock one row, then run `fn(row, tx)` in the same transaction: the read, the decision and the
  * write commit (or roll back) together, and the lock is released at the end of the transaction.
- * Given a pool, pgcoord opens the transaction; given a transaction, it joins it.
+ * Given a pool, pgcoord opens the transaction; given a transaction, it joins it. Pass a
+ * `{ write }` plan instead of `fn` to send the writes together with COMMIT ({@link RowLockPlan}).
  *
  * A missing row and a locked row are different errors: {@link RowNotFoundError} vs
  * {@link RowLockedError} (`nowait`, `skipLocked`) or {@link LockTimeoutError} (`timeoutMs`).
@@ -318,6 +337,10 @@ export async function lockRows(tx: Runner, target: AnyTarget, options?: RowLockO
  *   await tx`update orders set refunded = refunded + ${amount} where id = ${id}`;
  *   return true;
  * }, { timeoutMs: 2000 });
+ * // the same in two round trips: the update rides with COMMIT
+ * await withRowLock(sql, { table: 'orders', key: { id } }, {
+ *   write: (order, tx) => (order.refunded + amount > order.total ? [] : [tx`update orders set refunded = refunded + ${amount} where id = ${id}`]),
+ * });
  */
 export function withRowLock<R extends Runner, T extends PgTable, V>(
   runner: R,
@@ -331,18 +354,32 @@ export function withRowLock<R extends Runner, V, Row extends Record<string, unkn
   fn: (row: Row, tx: HandleOf<R>) => Promise<V> | V,
   options?: RowLockOptions,
 ): Promise<V>;
+export function withRowLock<R extends Runner, T extends PgTable>(
+  runner: R,
+  target: DrizzleRowTarget<T>,
+  plan: RowLockPlan<T['$inferSelect'], HandleOf<R>>,
+  options?: RowLockOptions,
+): Promise<RowLockPlanResult<T['$inferSelect']>>;
+export function withRowLock<R extends Runner, Row extends Record<string, unknown> = Record<string, unknown>>(
+  runner: R,
+  target: SqlRowTarget,
+  plan: RowLockPlan<Row, HandleOf<R>>,
+  options?: RowLockOptions,
+): Promise<RowLockPlanResult<Row>>;
 export async function withRowLock<V>(
   runner: Runner,
   target: AnyTarget,
-  fn: (row: Row, tx: unknown) => Promise<V> | V,
+  fn: ((row: Row, tx: unknown) => Promise<V> | V) | RowLockPlan<Row, unknown>,
   options?: RowLockOptions,
-): Promise<V> {
+): Promise<V | RowLockPlanResult<Row>> {
   const req = request(options);
-  checkFn(fn);
+  const plan = typeof fn === 'object' && fn !== null && typeof fn.write === 'function' ? fn : undefined;
+  if (!plan) checkFn(fn);
   const label = checkTarget(runner, target);
   return inTransaction(runner, options ?? {}, async (scope) => {
     const row = await lockOne(scope, target, req, label);
-    return scope.call((tx) => fn(row, tx));
+    if (plan) return scope.call(async (tx) => ({ row, written: await commitWith(scope.conn, await plan.write(row, tx)) }));
+    return scope.call((tx) => (fn as (row: Row, tx: unknown) => Promise<V> | V)(row, tx));
   });
 }
 

@@ -11,7 +11,14 @@
 // the handle given to the callback refuses statements, and pgcoord never sends ROLLBACK, COMMIT or
 // `release()` on it (the pool already took the dead connection back).
 
-import { CommitUnknownError, ConnectionLostError, InvalidOptionError, isConnectionLost, UnsupportedRunnerError } from './errors.js';
+import {
+  CommitUnknownError,
+  ConnectionLostError,
+  InvalidOptionError,
+  isConnectFailure,
+  isConnectionLost,
+  UnsupportedRunnerError,
+} from './errors.js';
 
 /**
  * Anything pgcoord can run on: a postgres.js `sql` (pool) or transaction (`sql.begin` handle); a
@@ -190,6 +197,99 @@ export function inTransaction<H, T>(runner: Runner, opts: TransactionOptions, bo
   }
 }
 
+/**
+ * Run one data-modifying statement. On a pool (or a single client outside a transaction) it runs
+ * in autocommit: one statement is atomic on its own, so it needs no BEGIN/COMMIT and no reserved
+ * connection (one round trip). In a caller's transaction it joins it; with a `signal` there it runs
+ * under a savepoint, so a cancel leaves the caller's transaction usable. An isolation level or
+ * read-only option gets pgcoord's own transaction, as everywhere else.
+ *
+ * Outcomes of a lost connection: refused or timed out while connecting = nothing ran
+ * ({@link ConnectionLostError}); lost while the statement was in flight = it may or may not have
+ * committed ({@link CommitUnknownError}).
+ */
+export function runStatement(
+  runner: Runner,
+  statement: Statement,
+  opts: TransactionOptions & { signal?: AbortSignal } = {},
+): Promise<Row[]> {
+  let k: ReturnType<typeof classify>;
+  try {
+    k = classify(runner);
+    beginText(opts);
+  } catch (err) {
+    return Promise.reject(err);
+  }
+  const { signal } = opts;
+  if (signal?.aborted) return Promise.reject(signal.reason);
+  const params = (statement.params ?? []) as unknown[];
+  const alone = opts.isolation === undefined && !opts.readOnly;
+  let pending: Promise<Row[]> | undefined;
+  let cancel: (() => void) | undefined;
+  if (alone && k.kind === 'pgjs-pool') {
+    const q = (k.sql.unsafe as Unsafe)(statement.text, params, prepared);
+    cancel = () => q.cancel();
+    pending = q.execute();
+  } else if (alone && (k.kind === 'pg-client' || (k.kind === 'pg-pool' && !signal))) {
+    // (a pg Pool's query() hides its client, which a cancel needs: with a signal, the path below)
+    const target = k.kind === 'pg-pool' ? k.pool : k.client;
+    const query = target.query as (text: string, params: unknown[]) => Promise<{ rows: Row[] }>;
+    if (k.kind === 'pg-client') cancel = () => void cancelPg(k.client);
+    pending = query.call(target, statement.text, params).then((r) => r.rows);
+  }
+  if (!pending) {
+    // a caller's transaction, or pgcoord's own for the options
+    return inTransaction(runner, opts, async (scope) => {
+      const run = async (c: Conn) => (await c.send([statement], signal))[0] ?? [];
+      return signal && !scope.conn.own ? scope.conn.savepoint(run) : run(scope.conn);
+    });
+  }
+  if (signal && cancel) signal.addEventListener('abort', cancel, { once: true });
+  return pending.then(
+    (rows) => {
+      if (signal && cancel) signal.removeEventListener('abort', cancel);
+      return rows;
+    },
+    (err: unknown) => {
+      if (signal && cancel) signal.removeEventListener('abort', cancel);
+      if (isConnectFailure(err)) throw new ConnectionLostError('could not get a database connection; nothing was run', { cause: err });
+      if (isConnectionLost(err))
+        throw new CommitUnknownError({
+          cause: err,
+          message: 'database connection lost while an autocommit statement was in flight: it may or may not have committed',
+        });
+      throw err;
+    },
+  );
+}
+
+// A postgres.js query not sent yet: `.execute()` queues it on its connection, in call order.
+function isPgjsQuery(x: unknown): x is PromiseLike<unknown> & { execute(): unknown } {
+  return (
+    (typeof x === 'function' || (typeof x === 'object' && x !== null)) &&
+    typeof (x as { execute?: unknown }).execute === 'function' &&
+    typeof (x as { cancel?: unknown }).cancel === 'function'
+  );
+}
+
+/**
+ * The write half of a plan (`withLock`, `withRowLock`): `writes` are queries returned unawaited, in
+ * an array (an array is not a thenable, so they stay unsent). In pgcoord's own transaction on
+ * postgres.js they go out in call order with COMMIT right behind them, one round trip; elsewhere
+ * they are awaited one by one (and the transaction ends as usual). Returns each write's result.
+ */
+export async function commitWith(conn: Conn, writes: unknown): Promise<unknown[]> {
+  const list = writes ?? [];
+  if (!Array.isArray(list)) throw new InvalidOptionError("a plan's write must return an array of unawaited queries (or nothing)");
+  if (conn.pipelines && list.every(isPgjsQuery)) {
+    for (const w of list) w.execute(); // queued in order, COMMIT right behind
+    return conn.commitAfter(list);
+  }
+  const written: unknown[] = [];
+  for (const w of list) written.push(await w);
+  return written;
+}
+
 function joined<H>(conn: Conn, handle: unknown): Scope<H> {
   return { conn, call: async (fn) => fn(handle as H) };
 }
@@ -254,17 +354,17 @@ class Loss {
   // them, statements still queued on a reserved connection when it closes: never wait for a batch
   // past the moment the connection is lost. (Promise.allSettled raced against the loss, in one
   // promise instead of three: this runs twice per transaction.)
-  all(queries: readonly PromiseLike<Row[]>[]): Promise<PromiseSettledResult<Row[]>[]> {
+  all(queries: readonly PromiseLike<Row[]>[]): Promise<Batch> {
     if (this.aborted) return Promise.reject(this.reason);
     if (this.watched) this.#waiters ??= new Set();
     const waiters = this.#waiters;
     return new Promise((resolve, reject) => {
-      const results: PromiseSettledResult<Row[]>[] = new Array(queries.length);
+      const batch: Batch = { rows: new Array(queries.length), failed: false, error: undefined, connectionLost: false };
       let left = queries.length;
       const done = () => {
         if (--left > 0) return;
         waiters?.delete(reject);
-        resolve(results);
+        resolve(batch);
       };
       waiters?.add(reject);
       if (left === 0) {
@@ -274,11 +374,11 @@ class Loss {
       for (let i = 0; i < queries.length; i++)
         (queries[i] as PromiseLike<Row[]>).then(
           (value) => {
-            results[i] = { status: 'fulfilled', value };
+            batch.rows[i] = value;
             done();
           },
           (reason: unknown) => {
-            results[i] = { status: 'rejected', reason };
+            settleInto(batch, false, reason, i);
             done();
           },
         );
@@ -289,17 +389,40 @@ class Loss {
 const unwatched = new Loss(false);
 const never = unwatched.signal;
 
+/** A batch once every statement settled: the rows of each, or the first failure. */
+interface Batch {
+  rows: Row[][];
+  failed: boolean;
+  error: unknown;
+  /** Some statement failed because the connection was lost. */
+  connectionLost: boolean;
+}
+
+function batchOf(results: readonly PromiseSettledResult<Row[]>[]): Batch {
+  const batch: Batch = { rows: [], failed: false, error: undefined, connectionLost: false };
+  for (const r of results) settleInto(batch, r.status === 'fulfilled', r.status === 'fulfilled' ? r.value : r.reason, batch.rows.length);
+  return batch;
+}
+
+function settleInto(batch: Batch, ok: boolean, value: unknown, i: number): void {
+  if (ok) batch.rows[i] = value as Row[];
+  else {
+    if (!batch.failed) {
+      batch.failed = true;
+      batch.error = value;
+    }
+    if (isConnectionLost(value)) batch.connectionLost = true;
+  }
+}
+
 // The rows of a batch, or its error. With COMMIT in the batch, a lost connection means the commit's
 // fate is unknown (the statements may have run and committed with only the answers lost).
-function settle(results: PromiseSettledResult<Row[]>[], lost: { aborted: boolean; reason: unknown }, committing: boolean): Row[][] {
-  const failed = results.find((r) => r.status === 'rejected');
-  if (failed) {
-    if (committing && (lost.aborted || results.some((r) => r.status === 'rejected' && isConnectionLost(r.reason)))) {
-      throw new CommitUnknownError({ cause: failed.reason });
-    }
-    throw lost.aborted && isConnectionLost(failed.reason) ? lost.reason : failed.reason;
+function settle(batch: Batch, lost: { aborted: boolean; reason: unknown }, committing: boolean): Row[][] {
+  if (batch.failed) {
+    if (committing && (lost.aborted || batch.connectionLost)) throw new CommitUnknownError({ cause: batch.error });
+    throw lost.aborted && isConnectionLost(batch.error) ? lost.reason : batch.error;
   }
-  return results.map((r) => (r as PromiseFulfilledResult<Row[]>).value);
+  return batch.rows;
 }
 
 // Getting a connection from the pool failed: a server that is down or restarting is reported as
@@ -489,7 +612,7 @@ class PgjsConn implements Conn, TxState {
     if (!this.own) return Promise.all(pending);
     if (this.loss.aborted) return Promise.reject(this.loss.reason);
     this.ended = true;
-    const queries = [...(pending as Promise<Row[]>[]), (this.sql.unsafe as Unsafe)('commit').execute()];
+    const queries = [...(pending as Promise<Row[]>[]), (this.sql.unsafe as Unsafe)('commit', [], prepared).execute()];
     return this.#settle(queries, true, 0, queries.length - 1);
   }
 
@@ -509,7 +632,7 @@ class PgjsConn implements Conn, TxState {
     // statement with parameters costs postgres.js a Describe round trip first and stops the
     // pipeline behind it; a prepared one is described once per connection.
     for (const s of statements) queries.push(unsafe(s.text, (s.params ?? []) as unknown[], prepared).execute());
-    if (committing) queries.push(unsafe('commit').execute());
+    if (committing) queries.push(unsafe('commit', [], prepared).execute());
     const end = skip + statements.length;
     if (!signal) return this.#settle(queries, committing, skip, end);
     // Cancel only the earliest statement still running or queued: a Postgres cancel hits whatever
@@ -533,7 +656,10 @@ class PgjsConn implements Conn, TxState {
   // connection dies first (CommitUnknownError when COMMIT was in the batch).
   #settle(queries: Promise<Row[]>[], committing: boolean, from: number, to: number): Promise<Row[][]> {
     return this.loss.all(queries).then(
-      (results) => settle(results, this.loss, committing).slice(from, to),
+      (batch) => {
+        const rows = settle(batch, this.loss, committing);
+        return from === 0 && to === rows.length ? rows : rows.slice(from, to);
+      },
       (err: unknown) => {
         for (const q of queries) q.then(undefined, noop);
         throw committing ? new CommitUnknownError({ cause: err }) : err;
@@ -680,7 +806,7 @@ function pgConn(client: AnyObj, own: boolean, lost: AbortSignal, first?: string)
         // in which case COMMIT was never sent and the transaction is still open.
         const results = client.pipeline ? await Promise.allSettled(all.map(run)) : await sequential(all, run);
         if (committing) conn.ended = results.length === all.length;
-        return settle(results, lost, conn.ended).slice(skip, skip + statements.length);
+        return settle(batchOf(results), lost, conn.ended).slice(skip, skip + statements.length);
       } finally {
         signal?.removeEventListener('abort', cancel);
       }

@@ -105,3 +105,42 @@ function safeJson(value: unknown): string {
     return String(value);
   }
 }
+
+/**
+ * A row to insert in the same statement as an update, only when the update applies (e.g. the
+ * refund record next to the order it was taken from). `values` go in as parameters; `fromRow`
+ * fills insert columns from columns of the updated row.
+ *
+ * @example
+ * { into: 'refunds', values: { request_id: 'r-1', amount: 5 }, fromRow: { order_id: 'id' } }
+ */
+export interface InsertWithUpdate {
+  into: string;
+  values?: Record<string, unknown>;
+  fromRow?: Record<string, string>;
+}
+
+/**
+ * The `insert ... select ... from <updated>` of an {@link InsertWithUpdate}: one row per updated
+ * row, none when the update matched nothing (it draws its rows from the update's RETURNING).
+ */
+export function compileInsert(insert: InsertWithUpdate, params: Params, updated: string): string {
+  if (insert === null || typeof insert !== 'object') throw new InvalidOptionError('insert must be { into, values?, fromRow? }');
+  const { values = {}, fromRow = {} } = insert;
+  if (values === null || typeof values !== 'object' || Array.isArray(values))
+    throw new InvalidOptionError('insert.values must be an object');
+  if (fromRow === null || typeof fromRow !== 'object' || Array.isArray(fromRow))
+    throw new InvalidOptionError('insert.fromRow must be an object');
+  const columns: string[] = [];
+  const exprs: string[] = [];
+  for (const [column, value] of Object.entries(values)) {
+    columns.push(quoteIdent(column));
+    exprs.push(params.add(value));
+  }
+  for (const [column, source] of Object.entries(fromRow)) {
+    columns.push(quoteIdent(column));
+    exprs.push(`${updated}.${quoteIdent(source)}`);
+  }
+  if (columns.length === 0) throw new InvalidOptionError('insert needs at least one column in values or fromRow');
+  return `insert into ${quoteIdent(insert.into, true)} (${columns.join(', ')}) select ${exprs.join(', ')} from ${updated}`;
+}

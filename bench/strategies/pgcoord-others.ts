@@ -1,58 +1,74 @@
 // pgcoord's other strategies, written the way its README tells users to, with the same reads,
-// checks and refund records as the hand-written versions. Where pgcoord's API updates the order in
-// a statement of its own, the refund is recorded by a second statement in the same transaction.
+// checks and refund records as the hand-written versions.
 
 import { idempotent } from '../../src/idempotency/index.js';
-import { guardedUpdate, retry, transaction, transactionWithRetry, updateVersioned, withRowLock } from '../../src/index.js';
-import { ADD_REFUND, GUARDED_REFUND, INSERT_REFUND, SELECT_ORDER, SELECT_ORDER_VERSION } from '../sql.js';
+import { guardedUpdate, retry, transactionWithRetry, updateVersioned, withRowLock } from '../../src/index.js';
+import { ADD_REFUND, GUARDED_REFUND, SELECT_ORDER, SELECT_ORDER_VERSION } from '../sql.js';
+import type { RefundRequest } from '../workload.js';
 import { order, PREPARED } from './reserved.js';
 import { fits, type OrderRow, type Strategy } from './types.js';
 
 const base = { impl: 'pgcoord', expectCorrect: true, dedupes: false } as const;
 
-/** `guardedUpdate` inside `transaction`, plus the refund record; the gateway after COMMIT. */
+/** The refund record, inserted by pgcoord in the same statement as the update, only when it applies. */
+const refundRecord = (req: RefundRequest) => ({
+  into: 'refunds',
+  values: { request_id: req.requestId, amount: req.amount },
+  fromRow: { order_id: 'id' },
+});
+
+/** `guardedUpdate` with the refund record as its `insert`: one autocommit statement; the gateway after. */
 export const pgcoordGuarded: Strategy = {
   ...base,
   id: 'guarded/pgcoord',
   family: 'guarded',
   label: 'pgcoord guardedUpdate',
   async refund({ sql, gateway }, req) {
-    const applied = await transaction(sql, async (tx) => {
-      const r = await guardedUpdate(tx, {
-        table: 'orders',
-        key: { id: req.orderId },
-        set: 'refunded = refunded + $1',
-        guard: 'refunded + $1 <= total',
-        params: [req.amount],
-      });
-      if (r.status !== 'applied') return false;
-      await tx.unsafe(INSERT_REFUND, [req.orderId, req.amount, req.requestId], PREPARED);
-      return true;
+    const r = await guardedUpdate(sql, {
+      table: 'orders',
+      key: { id: req.orderId },
+      set: 'refunded = refunded + $1',
+      guard: 'refunded + $1 <= total',
+      params: [req.amount],
+      insert: refundRecord(req),
     });
-    if (!applied) return 'rejected';
+    if (r.status !== 'applied') return 'rejected';
     await gateway.pay(req);
     return 'refunded';
   },
 };
 
-/** `withRowLock` (SELECT ... FOR UPDATE by key): check, gateway, write inside the lock. */
+/**
+ * `withRowLock` (SELECT ... FOR UPDATE by key) as a write plan: check, gateway, and the write sent
+ * with COMMIT: [BEGIN + row lock], [UPDATE + COMMIT] = 2 round trips, the best hand-written shape.
+ */
 export const pgcoordForUpdate: Strategy = {
   ...base,
   id: 'for-update/pgcoord',
   family: 'for-update',
-  label: 'pgcoord withRowLock',
-  refund: ({ sql, gateway }, req) =>
-    withRowLock(sql, { table: 'orders', key: { id: req.orderId } }, async (row, tx) => {
-      if (!fits(row as unknown as OrderRow, req.amount)) return 'rejected' as const;
-      await gateway.pay(req);
-      await tx.unsafe(ADD_REFUND, [req.orderId, req.amount, req.requestId], PREPARED);
-      return 'refunded' as const;
-    }),
+  label: 'pgcoord withRowLock (write plan)',
+  async refund({ sql, gateway }, req) {
+    let outcome: 'refunded' | 'rejected' = 'rejected';
+    await withRowLock(
+      sql,
+      { table: 'orders', key: { id: req.orderId } },
+      {
+        write: async (row: OrderRow, tx) => {
+          if (!fits(row, req.amount)) return [];
+          await gateway.pay(req);
+          outcome = 'refunded';
+          return [tx.unsafe(ADD_REFUND, [req.orderId, req.amount, req.requestId], PREPARED)];
+        },
+      },
+    );
+    return outcome;
+  },
 };
 
 /**
- * `retry` around read + `updateVersioned` (in a `transaction` with the refund record); the gateway
- * after the refund commits. pgcoord's retry backs off with full jitter (the hand-written one does not).
+ * `retry` around read + `updateVersioned` with the refund record as its `insert` (one autocommit
+ * statement); the gateway after the refund commits. pgcoord's retry backs off with full jitter
+ * (the hand-written one does not).
  */
 export const pgcoordOptimistic: Strategy = {
   ...base,
@@ -64,14 +80,12 @@ export const pgcoordOptimistic: Strategy = {
       async () => {
         const o = order(await ctx.sql.unsafe(SELECT_ORDER_VERSION, [req.orderId], PREPARED));
         if (!fits(o, req.amount)) return 'rejected' as const;
-        await transaction(ctx.sql, async (tx) => {
-          await updateVersioned(tx, {
-            table: 'orders',
-            key: { id: req.orderId },
-            set: { refunded: o.refunded + req.amount },
-            expected: o.version ?? 0,
-          });
-          await tx.unsafe(INSERT_REFUND, [req.orderId, req.amount, req.requestId], PREPARED);
+        await updateVersioned(ctx.sql, {
+          table: 'orders',
+          key: { id: req.orderId },
+          set: { refunded: o.refunded + req.amount },
+          expected: o.version ?? 0,
+          insert: refundRecord(req),
         });
         return 'refunded' as const;
       },
