@@ -15,6 +15,10 @@ export interface BenchOptions {
   duplicates: number;
   seed: number;
   maxAttempts: number;
+  /** Interleaved pairs per pgcoord strategy for the overhead figure (0 = skip). */
+  overheadPairs: number;
+  /** Requests per run of an interleaved pair. */
+  overheadRequests: number;
   /** Only strategies whose id contains one of these. */
   only: string[];
   redis: boolean;
@@ -37,6 +41,10 @@ export const USAGE = `npm run bench -- [options]
   --duplicates F        fraction of requests delivered twice, as a retrying client would (default 0.05)
   --seed N              seed of the request stream (default 42)
   --max-attempts N      retry cap of the optimistic and SERIALIZABLE strategies (default 100)
+  --overhead-pairs N    pgcoord vs its hand-written twin (same SQL, same round trips) in N alternating pairs of
+                        short runs at the most spread level; the overhead target is judged on their median
+                        (default 8; --quick 2; 0 skips)
+  --overhead-requests N requests per run of a pair (default 400; --quick 100)
   --only a,b            only strategies whose id contains one of these (e.g. advisory,redis)
   --no-redis            skip the Redis lock     --no-pgbench   skip pgbench     --no-fault   skip the fault scenario
   --json FILE           where to write all figures (default bench/results/bench-<date>.json)
@@ -67,6 +75,8 @@ export function parseOptions(argv: string[]): BenchOptions {
       duplicates: { type: 'string' },
       seed: { type: 'string' },
       'max-attempts': { type: 'string' },
+      'overhead-pairs': { type: 'string' },
+      'overhead-requests': { type: 'string' },
       only: { type: 'string' },
       'no-redis': { type: 'boolean', default: false },
       'no-pgbench': { type: 'boolean', default: false },
@@ -94,6 +104,8 @@ export function parseOptions(argv: string[]): BenchOptions {
     duplicates,
     seed: Math.round(positive('seed', values.seed, 42, true)),
     maxAttempts: Math.round(positive('max-attempts', values['max-attempts'], 100)),
+    overheadPairs: Math.round(positive('overhead-pairs', values['overhead-pairs'], quick ? 2 : 8, true)),
+    overheadRequests: Math.round(positive('overhead-requests', values['overhead-requests'], quick ? 100 : 400)),
     only: values.only
       ? values.only
           .split(',')

@@ -1,6 +1,7 @@
 // The terminal report: one table per contention level, then the ratios with PASS / MISS.
 import type { FaultResult } from './fault.js';
 import type { Environment } from './machine.js';
+import type { Overhead } from './overhead.js';
 import type { Ratio } from './ratios.js';
 import type { StrategyResult } from './result.js';
 
@@ -79,6 +80,7 @@ export function terminalReport(
   rs: readonly Ratio[],
   fault: FaultResult | undefined,
   notes: readonly string[],
+  overheads: readonly Overhead[] = [],
 ): string {
   const out: string[] = [];
   out.push(
@@ -103,6 +105,24 @@ export function terminalReport(
       undefined,
     ),
     '',
+    ...(overheads.length
+      ? [
+          `== pgcoord overhead: interleaved pairs vs the same SQL hand-written, ${overheads[0]!.orders} orders`,
+          table(
+            ['pgcoord / hand-written twin', 'pairs', 'median', 'q1', 'q3', 'client CPU µs/req', 'correct'],
+            overheads.map((o) => [
+              o.label,
+              String(o.pairs),
+              `${f2(o.median)}×`,
+              `${f2(o.q1)}×`,
+              `${f2(o.q3)}×`,
+              `${f0(o.cpuUs.pgcoord)} vs ${f0(o.cpuUs.twin)}`,
+              o.correct ? 'yes' : 'NO',
+            ]),
+          ),
+          '',
+        ]
+      : []),
     '== ratios (refunds/s)',
     ratioTable(rs.filter((r) => r.target === undefined && r.group !== 'vs guarded')),
     '',

@@ -14,12 +14,13 @@ import { type BenchOptions, parseOptions, USAGE } from './args.js';
 import { drive, openPool } from './driver.js';
 import { type FaultResult, faultScenario } from './fault.js';
 import { environment } from './machine.js';
+import { interleaved, OVERHEAD_PAIRS, type Overhead } from './overhead.js';
 import { findPgbench, pgbenchScripts, runPgbench } from './pgbench.js';
 import { ratios } from './ratios.js';
 import { htmlReport } from './report-html.js';
 import { terminalReport } from './report-terminal.js';
 import type { StrategyResult } from './result.js';
-import { strategies } from './strategies/index.js';
+import { type Strategy, strategies } from './strategies/index.js';
 import { createSchema, makeWorkload, resetTables, type Scenario } from './workload.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -73,7 +74,12 @@ export async function main(argv: string[]): Promise<number> {
     if (pgbench) env.pgbench = pgbench.version;
     const chosen = strategies.filter((s) => wanted(opts, s.id) && (!s.needsRedis || redis));
     const scripts = pgbench ? pgbenchScripts.filter((s) => wanted(opts, s.id)) : [];
-    const total = opts.orders.length * (chosen.length + scripts.length) + (opts.fault ? 1 : 0);
+    const pairs = opts.overheadPairs
+      ? OVERHEAD_PAIRS.map(([a, b]) => [chosen.find((s) => s.id === a), chosen.find((s) => s.id === b)] as const).filter(
+          (p): p is readonly [Strategy, Strategy] => p[0] !== undefined && p[1] !== undefined,
+        )
+      : [];
+    const total = opts.orders.length * (chosen.length + scripts.length) + pairs.length + (opts.fault ? 1 : 0);
     const bar = new cliProgress.SingleBar(
       { stream: process.stderr, format: ' {bar} {value}/{total} | {eta_formatted} left | {task}', hideCursor: true, clearOnComplete: true },
       cliProgress.Presets.shades_classic,
@@ -110,6 +116,39 @@ export async function main(argv: string[]): Promise<number> {
         bar.increment();
       }
     }
+    // pgcoord's overhead: interleaved pairs at the most spread level, where client CPU shows most
+    const overheads: Overhead[] = [];
+    if (pairs.length) {
+      const orders = Math.max(...opts.orders);
+      const work = makeWorkload({
+        orders,
+        requests: Math.max(opts.requests, opts.overheadRequests),
+        clients: opts.clients,
+        gatewayMs: opts.gatewayMs,
+        duplicates: opts.duplicates,
+        maxSeconds: opts.seconds,
+        seed: opts.seed,
+      });
+      await resetTables(admin, work.totals, true);
+      const pool = await openPool(database.url, opts.clients);
+      try {
+        for (const [p, t] of pairs) {
+          bar.update({ task: `overhead: ${p.label} vs ${t.label}` });
+          overheads.push(
+            await interleaved(p, t, work, {
+              pool,
+              redis,
+              maxAttempts: opts.maxAttempts,
+              pairs: opts.overheadPairs,
+              requests: opts.overheadRequests,
+            }),
+          );
+          bar.increment();
+        }
+      } finally {
+        await pool.sql.end({ timeout: 1 });
+      }
+    }
     let fault: FaultResult | undefined;
     if (opts.fault) {
       bar.update({ task: 'fault scenario' });
@@ -124,10 +163,10 @@ export async function main(argv: string[]): Promise<number> {
       bar.increment();
     }
     bar.stop();
-    const rs = ratios(results, opts.orders);
+    const rs = ratios(results, opts.orders, overheads);
     const seconds = (Date.now() - started) / 1000;
     notes.push(`run took ${seconds.toFixed(1)} s`);
-    process.stdout.write(`${terminalReport(env, opts.orders, results, rs, fault, notes)}\n`);
+    process.stdout.write(`${terminalReport(env, opts.orders, results, rs, fault, notes, overheads)}\n`);
     const stamp = env.date.replace(/[:.]/g, '-');
     const jsonPath = resolve(opts.json ?? join(here, 'results', `bench-${stamp}.json`));
     const htmlPath = resolve(opts.html ?? `${jsonPath.replace(/\.json$/, '')}.html`);
@@ -136,7 +175,7 @@ export async function main(argv: string[]): Promise<number> {
     await mkdir(dirname(htmlPath), { recursive: true });
     await writeFile(
       jsonPath,
-      JSON.stringify({ environment: env, options: shownOptions, seconds, results, ratios: rs, fault, notes }, null, 2),
+      JSON.stringify({ environment: env, options: shownOptions, seconds, results, overheads, ratios: rs, fault, notes }, null, 2),
     );
     await writeFile(htmlPath, htmlReport(env, opts.orders, results, rs, fault, notes, shownOptions));
     process.stdout.write(`\nJSON: ${jsonPath}\nHTML: ${htmlPath}\n`);

@@ -115,11 +115,14 @@ export async function updateVersioned(
   // The update matched nothing: the row is gone or its version moved. Read which (never blocked by
   // row locks; in the caller's transaction when there is one); the reported version is informational.
   const again = compileTarget(u);
-  const [now] = await inTransaction(runner, {}, (scope) =>
-    scope.conn.send([{ text: `select ${version} as v from ${again.table} where ${again.where} limit 1`, params: again.params.values }]),
+  const [now] = await runStatement(
+    runner,
+    { text: `select ${version} as v from ${again.table} where ${again.where} limit 1`, params: again.params.values },
+    {},
+    true,
   );
-  if (!now?.[0]) throw new RowNotFoundError(t.label);
-  throw new VersionConflictError(t.label, u.expected, now[0].v as Version);
+  if (!now) throw new RowNotFoundError(t.label);
+  throw new VersionConflictError(t.label, u.expected, now.v as Version);
 }
 
 async function drizzleVersioned(runner: Runner, u: DrizzleVersionedUpdate<PgTable>, options: TransactionOptions): Promise<Row> {

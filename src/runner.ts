@@ -212,6 +212,8 @@ export function runStatement(
   runner: Runner,
   statement: Statement,
   opts: TransactionOptions & { signal?: AbortSignal } = {},
+  /** A read commits nothing: a connection lost under it is a plain ConnectionLostError. */
+  reads = false,
 ): Promise<Row[]> {
   let k: ReturnType<typeof classify>;
   try {
@@ -253,6 +255,7 @@ export function runStatement(
     (err: unknown) => {
       if (signal && cancel) signal.removeEventListener('abort', cancel);
       if (isConnectFailure(err)) throw new ConnectionLostError('could not get a database connection; nothing was run', { cause: err });
+      if (reads && isConnectionLost(err)) throw new ConnectionLostError(undefined, { cause: err });
       if (isConnectionLost(err))
         throw new CommitUnknownError({
           cause: err,
@@ -670,48 +673,38 @@ class PgjsConn implements Conn, TxState {
 
 // The handle a postgres.js caller gets inside pgcoord's own transaction: the reserved connection,
 // refusing statements once the connection is lost or the transaction is over, sending BEGIN ahead
-// of the first statement, without release/end/begin, and with a `savepoint()` like an `sql.begin`
-// handle's.
+// of the first statement, without release(), and with a `savepoint()` like an `sql.begin` handle's.
+// A plain function with the reserved handle's members, not a Proxy: a Proxy around the driver's
+// function cost more than everything else pgcoord does in a transaction (measured: ~200k
+// instructions per transaction, most of pgcoord's overhead over hand-written SQL).
 function guardedHandle(pin: PgjsPin, conn: PgjsConn): Fn {
+  const raw = pin.raw;
   const before = () => {
     pin.check();
     if (conn.ended) throw new ConnectionLostError('this transaction has already committed');
     // its failure (a lost connection) surfaces on the user's statement behind it
     conn.begin()?.catch(noop);
   };
-  const raw = pin.raw;
-  let unsafe: Fn | undefined;
-  let file: Fn | undefined;
-  let savepoint: unknown;
-  const guard = (f: Fn): Fn =>
-    ((...args: unknown[]) => {
-      before();
-      return f.apply(raw, args);
-    }) as Fn;
-  const handle: Fn = new Proxy(raw, {
-    apply(target, self, args) {
-      before();
-      return Reflect.apply(target, self, args);
-    },
-    get(target, prop) {
-      if (prop === 'unsafe') {
-        unsafe ??= guard(target.unsafe as Fn);
-        return unsafe;
-      }
-      if (prop === 'file') {
-        file ??= guard(target.file as Fn);
-        return file;
-      }
-      if (prop === 'savepoint') {
-        savepoint ??= savepointOn(handle, conn);
-        return savepoint;
-      }
-      if (prop === 'release' || prop === 'reserve' || prop === 'end' || prop === 'begin') return undefined;
-      return Reflect.get(target, prop);
-    },
+  const handle = ((...args: unknown[]) => {
+    before();
+    return raw(...args);
   }) as Fn;
+  for (const key in raw) {
+    if (key === 'release') continue;
+    const value = raw[key];
+    handle[key] = sends.has(key)
+      ? (...args: unknown[]) => {
+          before();
+          return (value as Fn).apply(raw, args);
+        }
+      : value;
+  }
+  handle.savepoint = savepointOn(handle, conn);
   return handle;
 }
+
+// Members of a reserved postgres.js handle that send a statement (the others only build values).
+const sends = new Set(['unsafe', 'file', 'notify']);
 
 function pgjsOwn<T>(sql: Fn, begin: string, drizzleDb: AnyObj | undefined, body: (s: Scope<unknown>) => Promise<T>): Promise<T> {
   return pinPgjs(sql).then((pin) => {

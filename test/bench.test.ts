@@ -24,7 +24,11 @@ interface Row {
 const dir = await mkdtemp(join(tmpdir(), 'pgcoord-bench-test-'));
 afterAll(() => rm(dir, { recursive: true, force: true }));
 
-async function quickRun(): Promise<{ results: Row[]; fault?: { outcomes: { lock: string; overRefund: number }[] } }> {
+async function quickRun(): Promise<{
+  results: Row[];
+  overheads: { pgcoord: string; twin: string; pairs: number; median: number; correct: boolean }[];
+  fault?: { outcomes: { lock: string; overRefund: number }[] };
+}> {
   const json = join(dir, 'quick.json');
   await promisify(execFile)(process.execPath, ['--import', 'tsx', 'bench/run.ts', '--quick', '--json', json], {
     env: { ...process.env, DATABASE_URL: inject('databaseUrl') },
@@ -36,7 +40,7 @@ async function quickRun(): Promise<{ results: Row[]; fault?: { outcomes: { lock:
 
 describe('npm run bench -- --quick', () => {
   it('reports every correct strategy correct and the naive control wrong', { timeout: 180_000 }, async () => {
-    const { results, fault } = await quickRun();
+    const { results, overheads, fault } = await quickRun();
     expect(results.length).toBeGreaterThan(10);
     for (const r of results.filter((x) => x.expectCorrect)) {
       // no money beyond totals, nothing acknowledged but missing
@@ -51,6 +55,16 @@ describe('npm run bench -- --quick', () => {
     const naiveHot = results.find((r) => r.id === 'naive/plain' && r.orders === 1);
     expect(naiveHot?.audit.overRefund).toBeGreaterThan(0);
     expect(naiveHot?.verdict).toBe('WRONG');
+    // the interleaved overhead pairs ran, both sides correct in every run (speed is not asserted)
+    expect(overheads.map((o) => o.pgcoord).sort()).toEqual(
+      ['advisory/pgcoord', 'advisory/pgcoord-callback', 'for-update/pgcoord', 'guarded/pgcoord', 'optimistic/pgcoord'].sort(),
+    );
+    for (const o of overheads)
+      expect({ pair: `${o.pgcoord} vs ${o.twin}`, pairs: o.pairs, correct: o.correct }).toEqual({
+        pair: `${o.pgcoord} vs ${o.twin}`,
+        pairs: 2,
+        correct: true,
+      });
     // the fault scenario: pgcoord's transaction-scoped lock never double-refunds
     const pgcoordFault = fault?.outcomes.find((o) => o.lock.startsWith('pgcoord'));
     expect(pgcoordFault?.overRefund).toBe(0);

@@ -291,3 +291,77 @@ describe('bad input', () => {
     }
   });
 });
+
+describe('withRowLock with a { write } plan: [BEGIN, lock] then [writes, COMMIT]', () => {
+  db.runners.forEach((kind, i) => {
+    const id = 20 + i;
+    it(`never sells more than the stock under a race (${kind.name})`, async () => {
+      const sell = (r: object) =>
+        withRowLock(
+          r,
+          { table: 'rl_items', key: { id } },
+          {
+            write: async (row, tx) => {
+              if (Number(row.stock_count) < 3) return [];
+              const h = tx as { unsafe?: (t: string, p: unknown[]) => PromiseLike<unknown> };
+              // postgres.js: unawaited queries ride with COMMIT; other handles run them in order
+              return [
+                typeof h.unsafe === 'function'
+                  ? h.unsafe('update rl_items set stock_count = stock_count - 3 where id = $1', [id])
+                  : q(tx, 'update rl_items set stock_count = stock_count - 3 where id = $1', [id]),
+              ];
+            },
+          },
+        );
+      const results = await Promise.all(Array.from({ length: 6 }, () => kind.use(sell)));
+      expect(results.filter((r) => r.written.length === 1)).toHaveLength(3);
+      expect(results.every((r) => Number(r.row.id) === id)).toBe(true);
+      const [row] = await q(db.sql, 'select stock_count from rl_items where id = $1', [id]);
+      expect(row!.stock_count).toBe(1);
+    });
+  });
+
+  it('takes two round trips on a postgres.js pool; a failing write rolls back; a bad write is a typed error', async () => {
+    let writes = 0;
+    const counting = db.newSql({
+      max: 1,
+      socket: async ({ host, port }: { host: string[]; port: number[] }) => {
+        const { connect } = await import('node:net');
+        const sock = connect(port[0]!, host[0]!);
+        const write = sock.write.bind(sock);
+        sock.write = ((...args: Parameters<typeof write>) => {
+          writes++;
+          return write(...args);
+        }) as typeof sock.write;
+        return sock;
+      },
+    } as never);
+    const plan = {
+      write: (_row: Record<string, unknown>, tx: { unsafe(t: string, p?: unknown[], o?: object): PromiseLike<unknown> }) => [
+        tx.unsafe('update rl_items set stock_count = stock_count - 1 where id = $1', [30], { prepare: true }),
+      ],
+    };
+    await withRowLock(counting, { table: 'rl_items', key: { id: 30 } }, plan as never); // warm-up: statements get prepared
+    writes = 0;
+    const r = await withRowLock(counting, { table: 'rl_items', key: { id: 30 } }, plan as never);
+    expect((r as { written: unknown[] }).written).toHaveLength(1);
+    expect(writes).toBe(2);
+    await expect(
+      withRowLock(
+        counting,
+        { table: 'rl_items', key: { id: 30 } },
+        {
+          write: (_row, tx) => [tx`update rl_items set stock_count = 0 where id = 30`, tx`select 1/0`],
+        },
+      ),
+    ).rejects.toMatchObject({ code: '22012' });
+    const [row] = await q(db.sql, 'select stock_count from rl_items where id = 30');
+    expect(row!.stock_count).toBe(8);
+    await expect(withRowLock(db.sql, { table: 'rl_items', key: { id: 30 } }, { write: () => 5 as never })).rejects.toBeInstanceOf(
+      InvalidOptionError,
+    );
+    await expect(withRowLock(db.sql, { table: 'rl_items', key: { id: 30 } }, { write: 5 } as never)).rejects.toBeInstanceOf(
+      InvalidOptionError,
+    );
+  });
+});

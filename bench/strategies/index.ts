@@ -9,7 +9,7 @@ import { optimistic } from './optimistic.js';
 import { pgcoordAdvisory, pgcoordAdvisoryCallback } from './pgcoord-advisory.js';
 import { pgcoordForUpdate, pgcoordGuarded, pgcoordIdempotency, pgcoordOptimistic, pgcoordSerializable } from './pgcoord-others.js';
 import { redisLock } from './redis.js';
-import { forUpdateSame, guardedSame } from './same-shape.js';
+import { forUpdateSame, guardedSame, optimisticSame } from './same-shape.js';
 import { serializableBegin, serializableBest } from './serializable.js';
 import type { Strategy } from './types.js';
 
@@ -31,6 +31,7 @@ export const strategies: readonly Strategy[] = [
   pgcoordAdvisory,
   pgcoordAdvisoryCallback,
   optimistic,
+  optimisticSame,
   pgcoordOptimistic,
   serializableBegin,
   serializableBest,

@@ -1,7 +1,7 @@
 // Hand-written twins of pgcoord strategies in pgcoord's exact SQL shape: the statements pgcoord
 // sends (captured with postgres.js's `debug` hook), in the same round trips, prepared as pgcoord's
 // are, so the ratio pgcoord / twin measures pgcoord's JavaScript only.
-import { ADD_REFUND } from '../sql.js';
+import { ADD_REFUND, SELECT_ORDER_VERSION } from '../sql.js';
 import { onReserved, order, PREPARED, pipeline } from './reserved.js';
 import { fits, type Strategy } from './types.js';
 
@@ -51,5 +51,44 @@ export const guardedSame: Strategy = {
     if (row?.pgcoord_applied !== true) return 'rejected';
     await gateway.pay(req);
     return 'refunded';
+  },
+};
+
+/** What `updateVersioned(sql, { table: 'orders', key: { id }, set: { refunded }, expected, insert })` sends. */
+const PGCOORD_VERSIONED =
+  'with pgcoord_u as (update "orders" set "refunded" = $2, "version" = "version" + 1 where "id" = $1 and "version" = $3 returning *), ' +
+  'pgcoord_i as (insert into "refunds" ("request_id", "amount", "order_id") select $4, $5, pgcoord_u."id" from pgcoord_u) select * from pgcoord_u';
+/** What it sends when that matched nothing, to tell a conflict from a missing row. */
+const PGCOORD_VERSION_NOW = 'select "version" as v from "orders" where "id" = $1 limit 1';
+
+/**
+ * pgcoord's optimistic shape: read, then its one-statement versioned update with the refund record;
+ * on a conflict its second read, then pgcoord's retry backoff (full jitter, 10 ms base, 1 s cap).
+ */
+export const optimisticSame: Strategy = {
+  id: 'optimistic/same',
+  family: 'optimistic',
+  impl: 'same',
+  label: 'optimistic, same SQL as pgcoord',
+  expectCorrect: true,
+  dedupes: false,
+  async refund(ctx, req) {
+    for (let attempt = 1; ; attempt++) {
+      const o = order(await ctx.sql.unsafe(SELECT_ORDER_VERSION, [req.orderId], PREPARED));
+      if (!fits(o, req.amount)) return 'rejected';
+      const rows = await ctx.sql.unsafe(
+        PGCOORD_VERSIONED,
+        [req.orderId, o.refunded + req.amount, o.version ?? 0, req.requestId, req.amount],
+        AS_PGCOORD,
+      );
+      if (rows.length === 1) {
+        await ctx.gateway.pay(req);
+        return 'refunded';
+      }
+      await ctx.sql.unsafe(PGCOORD_VERSION_NOW, [req.orderId], AS_PGCOORD);
+      if (attempt >= ctx.maxAttempts) throw Object.assign(new Error('optimistic: too many version conflicts'), { code: 'RETRY' });
+      ctx.retry();
+      await new Promise((r) => setTimeout(r, Math.random() * Math.min(1000, 10 * 2 ** (attempt - 1))));
+    }
   },
 };

@@ -1,0 +1,88 @@
+// pgcoord's overhead, measured so that a few percent can be told from noise. One short run of each
+// strategy tells little on a shared 2-core machine: consecutive runs of the *same* code differ by
+// 10-30 % (fsync latency, the other tenants, JIT state). So each pgcoord strategy runs against its
+// hand-written twin (the same statements in the same round trips) in many short alternating runs
+// (A B, B A, A B, ...), and the figure is the median of the per-pair ratios, with its quartiles.
+// Noise that is slower than a pair cancels out; the quartiles say how much is left.
+import type { Redis } from 'ioredis';
+import type { CountedSql } from './db.js';
+import { drive } from './driver.js';
+import type { Strategy } from './strategies/types.js';
+import type { Workload } from './workload.js';
+
+/** pgcoord strategy → its hand-written twin of the same SQL and round trips. */
+export const OVERHEAD_PAIRS: readonly (readonly [pgcoord: string, twin: string])[] = [
+  ['advisory/pgcoord', 'advisory/best'],
+  ['advisory/pgcoord-callback', 'advisory/same'],
+  ['for-update/pgcoord', 'for-update/same'],
+  ['guarded/pgcoord', 'guarded/same'],
+  ['optimistic/pgcoord', 'optimistic/same'],
+];
+
+/** The interleaved comparison of one pair at one contention level. */
+export interface Overhead {
+  pgcoord: string;
+  twin: string;
+  label: string;
+  orders: number;
+  pairs: number;
+  /** Median of (pgcoord refunds/s ÷ twin refunds/s) over the pairs. */
+  median: number;
+  q1: number;
+  q3: number;
+  /** Median client CPU (user + system) per answered request, µs. */
+  cpuUs: { pgcoord: number; twin: number };
+  /** Both sides stayed correct in every run (no over-refund, nothing acknowledged and lost). */
+  correct: boolean;
+}
+
+const quantile = (xs: readonly number[], p: number) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor(p * s.length))] ?? Number.NaN;
+};
+
+/**
+ * Run `pairs` alternating pairs of `pgcoord` and `twin` on `work` (its requests cut to `requests`
+ * per run), after one unmeasured run of each to bring the JIT to steady state.
+ */
+export async function interleaved(
+  pgcoord: Strategy,
+  twin: Strategy,
+  work: Workload,
+  opts: { pool: CountedSql; redis?: Redis; maxAttempts: number; pairs: number; requests: number },
+): Promise<Overhead> {
+  const short: Workload = { ...work, requests: work.requests.slice(0, opts.requests) };
+  const run = async (s: Strategy) => {
+    const cpu0 = process.cpuUsage();
+    const r = await drive(s, short, opts);
+    const cpu = process.cpuUsage(cpu0);
+    return { r, cpuUs: (cpu.user + cpu.system) / Math.max(1, r.completed + r.failed) };
+  };
+  await run(pgcoord);
+  await run(twin);
+  const ratios: number[] = [];
+  const cpu = { pgcoord: [] as number[], twin: [] as number[] };
+  let correct = true;
+  for (let i = 0; i < opts.pairs; i++) {
+    const first = i % 2 === 0 ? pgcoord : twin;
+    const a = await run(first);
+    const b = await run(first === pgcoord ? twin : pgcoord);
+    const [p, t] = first === pgcoord ? [a, b] : [b, a];
+    correct &&= p.r.verdict !== 'WRONG' && t.r.verdict !== 'WRONG' && p.r.failed === 0 && t.r.failed === 0;
+    ratios.push(p.r.refundsPerSec / t.r.refundsPerSec);
+    cpu.pgcoord.push(p.cpuUs);
+    cpu.twin.push(t.cpuUs);
+  }
+  return {
+    pgcoord: pgcoord.id,
+    twin: twin.id,
+    label: `${pgcoord.label} / ${twin.label}`,
+    orders: work.scenario.orders,
+    pairs: opts.pairs,
+    median: quantile(ratios, 0.5),
+    q1: quantile(ratios, 0.25),
+    q3: quantile(ratios, 0.75),
+    cpuUs: { pgcoord: quantile(cpu.pgcoord, 0.5), twin: quantile(cpu.twin, 0.5) },
+    correct,
+  };
+}
