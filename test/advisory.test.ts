@@ -387,20 +387,7 @@ describe('a { read, write } plan: [BEGIN, lock, read] then [writes, COMMIT]', ()
   }
 
   it('takes two round trips on a postgres.js pool, and a failing write rolls everything back', async () => {
-    let writes = 0;
-    const counting = db.newSql({
-      max: 1,
-      socket: async ({ host, port }: { host: string[]; port: number[] }) => {
-        const { connect } = await import('node:net');
-        const sock = connect(port[0]!, host[0]!);
-        const write = sock.write.bind(sock);
-        sock.write = ((...args: Parameters<typeof write>) => {
-          writes++;
-          return write(...args);
-        }) as typeof sock.write;
-        return sock;
-      },
-    } as never);
+    const { sql: counting, writes } = db.countingSql();
     await db.sql`insert into orders values (399, 100)`;
     // tagged templates: prepared statements, so nothing waits for a Describe
     const pgjsPlan = {
@@ -411,10 +398,10 @@ describe('a { read, write } plan: [BEGIN, lock, read] then [writes, COMMIT]', ()
           : [tx`update orders set refunded = refunded + 10 where id = 399`, tx`insert into refunds values (399, 10)`],
     };
     await withLock(counting, 'plan:399', pgjsPlan); // warm-up: statements get prepared
-    writes = 0;
+    writes.count = 0;
     const r = await withLock(counting, 'plan:399', pgjsPlan);
     expect(r.written).toHaveLength(2);
-    expect(writes).toBe(2);
+    expect(writes.count).toBe(2);
     await expect(
       withLock(counting, 'plan:399', {
         read: (tx: postgres.TransactionSql) => tx`select 1`,

@@ -32,6 +32,8 @@ export interface TestDb {
   newSql(options?: postgres.Options<Record<string, postgres.PostgresType>>): postgres.Sql;
   /** A new pg pool (closed with the file). */
   newPool(options?: pg.PoolConfig): pg.Pool;
+  /** A one-connection postgres.js pool whose socket writes are counted (one write = one round trip). */
+  countingSql(): { sql: postgres.Sql; writes: { count: number } };
 }
 
 /**
@@ -90,7 +92,24 @@ export async function useTestDb(max = 12): Promise<TestDb> {
     await Promise.all([...sqls.map((s) => s.end({ timeout: 1 })), ...pools.map((p) => p.end())]);
     await database.drop();
   });
-  return { url: database.url, sql, pool, runners, newSql, newPool };
+  const countingSql = () => {
+    const writes = { count: 0 };
+    const counted = newSql({
+      max: 1,
+      socket: async ({ host, port }: { host: string[]; port: number[] }) => {
+        const { connect } = await import('node:net');
+        const sock = connect(port[0]!, host[0]!);
+        const write = sock.write.bind(sock);
+        sock.write = ((...args: Parameters<typeof write>) => {
+          writes.count++;
+          return write(...args);
+        }) as typeof sock.write;
+        return sock;
+      },
+    } as never);
+    return { sql: counted, writes };
+  };
+  return { url: database.url, sql, pool, runners, newSql, newPool, countingSql };
 }
 
 export { q } from './query.js';

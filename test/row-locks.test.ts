@@ -322,30 +322,17 @@ describe('withRowLock with a { write } plan: [BEGIN, lock] then [writes, COMMIT]
   });
 
   it('takes two round trips on a postgres.js pool; a failing write rolls back; a bad write is a typed error', async () => {
-    let writes = 0;
-    const counting = db.newSql({
-      max: 1,
-      socket: async ({ host, port }: { host: string[]; port: number[] }) => {
-        const { connect } = await import('node:net');
-        const sock = connect(port[0]!, host[0]!);
-        const write = sock.write.bind(sock);
-        sock.write = ((...args: Parameters<typeof write>) => {
-          writes++;
-          return write(...args);
-        }) as typeof sock.write;
-        return sock;
-      },
-    } as never);
+    const { sql: counting, writes } = db.countingSql();
     const plan = {
       write: (_row: Record<string, unknown>, tx: { unsafe(t: string, p?: unknown[], o?: object): PromiseLike<unknown> }) => [
         tx.unsafe('update rl_items set stock_count = stock_count - 1 where id = $1', [30], { prepare: true }),
       ],
     };
     await withRowLock(counting, { table: 'rl_items', key: { id: 30 } }, plan as never); // warm-up: statements get prepared
-    writes = 0;
+    writes.count = 0;
     const r = await withRowLock(counting, { table: 'rl_items', key: { id: 30 } }, plan as never);
     expect((r as { written: unknown[] }).written).toHaveLength(1);
-    expect(writes).toBe(2);
+    expect(writes.count).toBe(2);
     await expect(
       withRowLock(
         counting,
