@@ -53,6 +53,20 @@ describe('transaction()', () => {
     });
     await expect((async () => (escaped as typeof db.sql)`select 1`)()).rejects.toBeInstanceOf(ConnectionLostError);
   });
+
+  it('rolls back and gives the connection back when a callback throws synchronously', async () => {
+    const one = db.newSql({ max: 1 });
+    for (let i = 0; i < 3; i++) {
+      const err = await transaction(one, (tx) => {
+        void tx`insert into tx_rows values ('sync-throw')`; // issued, then the callback throws
+        throw new Error(`boom ${i}`);
+      }).catch((e: unknown) => e);
+      expect((err as Error).message).toBe(`boom ${i}`);
+    }
+    // the single connection served every attempt and serves again: nothing held, nothing committed
+    expect(await one`select 1 as one`).toEqual([{ one: 1 }]);
+    expect(await rows('sync-throw')).toEqual([]);
+  });
 });
 
 describe('COMMIT in the same round trip (send with commit)', () => {
