@@ -254,7 +254,8 @@ export function runStatement(
     },
     (err: unknown) => {
       if (signal && cancel) signal.removeEventListener('abort', cancel);
-      if (isConnectFailure(err)) throw new ConnectionLostError('could not get a database connection; nothing was run', { cause: err });
+      // (a refused connection is also "lost": tell it apart first, nothing was sent)
+      if (isConnectFailure(err)) throw noConnection(err);
       if (reads && isConnectionLost(err)) throw new ConnectionLostError(undefined, { cause: err });
       if (isConnectionLost(err))
         throw new CommitUnknownError({
@@ -361,8 +362,9 @@ class Loss {
     if (this.aborted) return Promise.reject(this.reason);
     if (this.watched) this.#waiters ??= new Set();
     const waiters = this.#waiters;
+    const batch: Batch = { rows: new Array(queries.length), failed: false, error: undefined, connectionLost: false };
+    if (queries.length === 0) return Promise.resolve(batch);
     return new Promise((resolve, reject) => {
-      const batch: Batch = { rows: new Array(queries.length), failed: false, error: undefined, connectionLost: false };
       let left = queries.length;
       const done = () => {
         if (--left > 0) return;
@@ -370,10 +372,6 @@ class Loss {
         resolve(batch);
       };
       waiters?.add(reject);
-      if (left === 0) {
-        left = 1;
-        done();
-      }
       for (let i = 0; i < queries.length; i++)
         (queries[i] as PromiseLike<Row[]>).then(
           (value) => {
@@ -381,7 +379,7 @@ class Loss {
             done();
           },
           (reason: unknown) => {
-            settleInto(batch, false, reason, i);
+            fail(batch, reason);
             done();
           },
         );
@@ -403,19 +401,20 @@ interface Batch {
 
 function batchOf(results: readonly PromiseSettledResult<Row[]>[]): Batch {
   const batch: Batch = { rows: [], failed: false, error: undefined, connectionLost: false };
-  for (const r of results) settleInto(batch, r.status === 'fulfilled', r.status === 'fulfilled' ? r.value : r.reason, batch.rows.length);
+  results.forEach((r, i) => {
+    if (r.status === 'fulfilled') batch.rows[i] = r.value;
+    else fail(batch, r.reason);
+  });
   return batch;
 }
 
-function settleInto(batch: Batch, ok: boolean, value: unknown, i: number): void {
-  if (ok) batch.rows[i] = value as Row[];
-  else {
-    if (!batch.failed) {
-      batch.failed = true;
-      batch.error = value;
-    }
-    if (isConnectionLost(value)) batch.connectionLost = true;
+// Record a failed statement: the first failure is the batch's error.
+function fail(batch: Batch, reason: unknown): void {
+  if (!batch.failed) {
+    batch.failed = true;
+    batch.error = reason;
   }
+  if (isConnectionLost(reason)) batch.connectionLost = true;
 }
 
 // The rows of a batch, or its error. With COMMIT in the batch, a lost connection means the commit's
@@ -428,13 +427,17 @@ function settle(batch: Batch, lost: { aborted: boolean; reason: unknown }, commi
   return batch.rows;
 }
 
-// Getting a connection from the pool failed: a server that is down or restarting is reported as
-// the same typed ConnectionLostError as a connection that dies mid-transaction (nothing ran).
+// Getting a connection failed: a server that is down or restarting is reported as the same typed
+// ConnectionLostError as a connection that dies mid-transaction (nothing ran).
+function noConnection(err: unknown): unknown {
+  return isConnectionLost(err) ? new ConnectionLostError('could not get a database connection; nothing was run', { cause: err }) : err;
+}
+
 async function checkout<C>(pending: Promise<C>): Promise<C> {
   try {
     return await pending;
   } catch (err) {
-    throw isConnectionLost(err) ? new ConnectionLostError('could not get a database connection; nothing was run', { cause: err }) : err;
+    throw noConnection(err);
   }
 }
 
@@ -449,9 +452,7 @@ interface Reservation {
 
 // postgres.js 3.4.9 can lose a reservation request when its connection attempt fails (seen after a
 // server restart): the promise never settles. Bound the wait by the pool's own connect_timeout
-// (default 30 s); a reservation that arrives after that is handed straight back. A failure to get
-// a connection (server down or restarting) is the same typed ConnectionLostError as a connection
-// that dies mid-transaction: nothing ran.
+// (default 30 s); a reservation that arrives after that is handed straight back.
 function pinPgjs(sql: Fn): Promise<PgjsPin> {
   const seconds = Number((sql.options as { connect_timeout?: unknown } | undefined)?.connect_timeout ?? 30);
   const ms = Number.isFinite(seconds) && seconds > 0 ? seconds * 1000 : 30_000;
@@ -467,9 +468,7 @@ function pinPgjs(sql: Fn): Promise<PgjsPin> {
       },
       (err: unknown) => {
         reservations.delete(entry);
-        reject(
-          isConnectionLost(err) ? new ConnectionLostError('could not get a database connection; nothing was run', { cause: err }) : err,
-        );
+        reject(noConnection(err));
       },
     );
   });
@@ -674,9 +673,8 @@ class PgjsConn implements Conn, TxState {
 // The handle a postgres.js caller gets inside pgcoord's own transaction: the reserved connection,
 // refusing statements once the connection is lost or the transaction is over, sending BEGIN ahead
 // of the first statement, without release(), and with a `savepoint()` like an `sql.begin` handle's.
-// A plain function with the reserved handle's members, not a Proxy: a Proxy around the driver's
-// function cost more than everything else pgcoord does in a transaction (measured: ~200k
-// instructions per transaction, most of pgcoord's overhead over hand-written SQL).
+// A plain function with the reserved handle's members (types typed unsafe notify array json file),
+// made once per transaction and only when user code runs.
 function guardedHandle(pin: PgjsPin, conn: PgjsConn): Fn {
   const raw = pin.raw;
   const before = () => {
