@@ -41,6 +41,17 @@ async function connectRedis(): Promise<{ redis?: Redis; note?: string; version?:
   }
 }
 
+/** The scenario of one contention level, from the command line's knobs. */
+const scenarioOf = (opts: BenchOptions, orders: number, requests: number): Scenario => ({
+  orders,
+  requests,
+  clients: opts.clients,
+  gatewayMs: opts.gatewayMs,
+  duplicates: opts.duplicates,
+  maxSeconds: opts.seconds,
+  seed: opts.seed,
+});
+
 const wanted = (opts: BenchOptions, id: string) => opts.only.length === 0 || opts.only.some((o) => id.includes(o));
 
 /** Run the whole benchmark; returns the process exit code. */
@@ -87,16 +98,7 @@ export async function main(argv: string[]): Promise<number> {
     bar.start(total, 0, { task: 'starting' });
     const results: StrategyResult[] = [];
     for (const orders of opts.orders) {
-      const scenario: Scenario = {
-        orders,
-        requests: opts.requests,
-        clients: opts.clients,
-        gatewayMs: opts.gatewayMs,
-        duplicates: opts.duplicates,
-        maxSeconds: opts.seconds,
-        seed: opts.seed,
-      };
-      const work = makeWorkload(scenario);
+      const work = makeWorkload(scenarioOf(opts, orders, opts.requests));
       await resetTables(admin, work.totals, true);
       const pool = await openPool(database.url, opts.clients);
       try {
@@ -120,15 +122,7 @@ export async function main(argv: string[]): Promise<number> {
     const overheads: Overhead[] = [];
     if (pairs.length) {
       const orders = Math.max(...opts.orders);
-      const work = makeWorkload({
-        orders,
-        requests: Math.max(opts.requests, opts.overheadRequests),
-        clients: opts.clients,
-        gatewayMs: opts.gatewayMs,
-        duplicates: opts.duplicates,
-        maxSeconds: opts.seconds,
-        seed: opts.seed,
-      });
+      const work = makeWorkload(scenarioOf(opts, orders, Math.max(opts.requests, opts.overheadRequests)));
       await resetTables(admin, work.totals, true);
       const pool = await openPool(database.url, opts.clients);
       try {

@@ -5,6 +5,7 @@ import { drizzle as drizzlePgjs } from 'drizzle-orm/postgres-js';
 import pg from 'pg';
 import postgres from 'postgres';
 import { afterAll, inject } from 'vitest';
+import { countedSql } from '../bench/db.js';
 import { createTestDatabase, type TestDatabase } from '../src/testing/index.js';
 
 declare module 'vitest' {
@@ -92,22 +93,11 @@ export async function useTestDb(max = 12): Promise<TestDb> {
     await Promise.all([...sqls.map((s) => s.end({ timeout: 1 })), ...pools.map((p) => p.end())]);
     await database.drop();
   });
+  // the bench's counted pool: one socket write = one round trip (see bench/db.ts)
   const countingSql = () => {
-    const writes = { count: 0 };
-    const counted = newSql({
-      max: 1,
-      socket: async ({ host, port }: { host: string[]; port: number[] }) => {
-        const { connect } = await import('node:net');
-        const sock = connect(port[0]!, host[0]!);
-        const write = sock.write.bind(sock);
-        sock.write = ((...args: Parameters<typeof write>) => {
-          writes.count++;
-          return write(...args);
-        }) as typeof sock.write;
-        return sock;
-      },
-    } as never);
-    return { sql: counted, writes };
+    const { sql: counted, trips } = countedSql(database.url, 1);
+    sqls.push(counted);
+    return { sql: counted, writes: trips };
   };
   return { url: database.url, sql, pool, runners, newSql, newPool, countingSql };
 }
