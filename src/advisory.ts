@@ -3,7 +3,17 @@ import { AbortedError, DeadlockError, InvalidOptionError, LockNotAcquiredError, 
 import { publish, watched } from './events.js';
 import type { HandleOf } from './handles.js';
 import { type LockKey, type LockKeyInput, lockKeys } from './keys.js';
-import { type Conn, commitWith, inTransaction, type Runner, type Scope, type Statement, type TransactionOptions } from './runner.js';
+import {
+  type Conn,
+  commitWith,
+  inTransaction,
+  pipelinedOnPgjs,
+  type Runner,
+  type Scope,
+  STOP,
+  type Statement,
+  type TransactionOptions,
+} from './runner.js';
 
 /** Exclusive (one holder) or shared (many shared holders, no exclusive one). */
 export type LockMode = 'exclusive' | 'shared';
@@ -206,6 +216,26 @@ async function runPlan<H, R>(scope: Scope<H>, plan: LockPlan<H, R>, locked: Prom
 
 const noop = () => {};
 
+// A plan on a plain postgres.js pool, untimed (or a try) and unwatched: the runner's pipelined hot
+// path, same statements and outcomes as runPlan in inTransaction.
+function planOnPgjs<H, R>(
+  runner: Runner,
+  req: LockRequest,
+  plan: LockPlan<H, R>,
+  options: LockOptions | undefined,
+): Promise<Acquired<LockPlanResult<R>>> | undefined {
+  const locks = lockStatements(req, xactLockFn(req));
+  return pipelinedOnPgjs<H>(runner, options ?? {}, {
+    first: locks,
+    read: plan.read,
+    failed: (err) => lockError(err, req),
+    decide: (rows, read, tx) => {
+      for (const r of rows) if (r[0]?.ok === 'false') return STOP; // a try that missed: the read ran unlocked, drop it
+      return plan.write(tx, read as R);
+    },
+  })?.then((r) => (r === null ? { acquired: false } : { acquired: true, value: { read: r.read as R, written: r.written } }));
+}
+
 // Lock events are built only when somebody subscribes (see events.ts).
 function report(which: 'acquire' | 'release', req: LockRequest, outcome: string, asked: number, granted: number, error?: unknown) {
   const now = performance.now();
@@ -220,16 +250,37 @@ function report(which: 'acquire' | 'release', req: LockRequest, outcome: string,
   });
 }
 
-async function run<R extends Runner, T>(
+function run<R extends Runner, T>(
   runner: R,
   keys: readonly LockKeyInput[] | LockKeyInput,
   fn: ((tx: HandleOf<R>) => Promise<T> | T) | LockPlan<HandleOf<R>, unknown>,
   options: LockOptions | undefined,
 ): Promise<Acquired<T>> {
-  const req = lockRequest(keys, options);
-  if (typeof fn !== 'function' && !isPlan(fn)) throw new InvalidOptionError('the callback must be a function (or a { read, write } plan)');
+  let req: LockRequest;
+  try {
+    req = lockRequest(keys, options);
+    if (typeof fn !== 'function' && !isPlan(fn))
+      throw new InvalidOptionError('the callback must be a function (or a { read, write } plan)');
+  } catch (err) {
+    return Promise.reject(err);
+  }
   const acquire = watched('acquire');
   const release = watched('release');
+  if (typeof fn !== 'function' && !acquire && !release && req.signal === undefined && !req.timeoutMs) {
+    const fast = planOnPgjs(runner, req, fn, options);
+    if (fast) return fast as Promise<Acquired<T>>;
+  }
+  return runInTransaction(runner, req, fn, options, acquire, release);
+}
+
+async function runInTransaction<R extends Runner, T>(
+  runner: R,
+  req: LockRequest,
+  fn: ((tx: HandleOf<R>) => Promise<T> | T) | LockPlan<HandleOf<R>, unknown>,
+  options: LockOptions | undefined,
+  acquire: boolean,
+  release: boolean,
+): Promise<Acquired<T>> {
   const asked = acquire || release ? performance.now() : 0;
   let granted = 0;
   let outcome: Acquired<T>;

@@ -8,6 +8,8 @@ import {
   type Conn,
   commitWith,
   inTransaction,
+  type PipelinedResult,
+  pipelinedOnPgjs,
   type Row,
   type Runner,
   runnerKind,
@@ -259,9 +261,14 @@ function inline(s: Statement): string {
 async function lockOne<H>(scope: Scope<H>, target: AnyTarget, req: Request, label: string): Promise<Row> {
   // limit 2: enough to see that the target is not one row, without locking a whole table by mistake
   const rows = await lockIn(scope, target, req, label, 2);
+  if (rows.length === 0 && req.wait === 'skipLocked' && (await exists(scope, target))) throw new RowLockedError(label);
+  return oneRow(rows, label);
+}
+
+// The row a single-row lock (limit 2) returned, or why there is not exactly one.
+function oneRow(rows: Row[], label: string): Row {
   if (rows.length > 1) throw new InvalidOptionError(`target ${label} matches more than one row; lock one row by its key, or use lockRows`);
   if (rows.length === 1) return rows[0]!;
-  if (req.wait === 'skipLocked' && (await exists(scope, target))) throw new RowLockedError(label);
   throw new RowNotFoundError(label);
 }
 
@@ -376,6 +383,19 @@ export async function withRowLock<V>(
   const plan = typeof fn === 'object' && fn !== null && typeof fn.write === 'function' ? fn : undefined;
   if (!plan) checkFn(fn);
   const label = checkTarget(runner, target);
+  if (plan && !isDrizzleTarget(target) && req.wait !== 'skipLocked' && req.timeoutMs === undefined && req.signal === undefined) {
+    // the runner's pipelined hot path on a plain postgres.js pool: the same statements and outcomes
+    let row: Row;
+    const fast = pipelinedOnPgjs(runner, options ?? {}, {
+      first: [rawStatement(target, req, 2)],
+      failed: (err) => lockError(err, req, label),
+      decide: (rows, _read, tx) => {
+        row = oneRow(rows[0] ?? [], label);
+        return plan.write(row, tx);
+      },
+    });
+    if (fast) return fast.then((r) => ({ row, written: (r as PipelinedResult).written }));
+  }
   return inTransaction(runner, options ?? {}, async (scope) => {
     const row = await lockOne(scope, target, req, label);
     if (plan) return scope.call(async (tx) => ({ row, written: await commitWith(scope.conn, await plan.write(row, tx)) }));

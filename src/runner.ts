@@ -294,6 +294,89 @@ export async function commitWith(conn: Conn, writes: unknown): Promise<unknown[]
   return written;
 }
 
+/** A lock-read-decide-write in pgcoord's own transaction: see {@link pipelinedOnPgjs}. */
+export interface Pipelined<H> {
+  /** pgcoord's statements, sent right behind BEGIN (the lock, or the row lock that is also the read). */
+  first: readonly Statement[];
+  /** The caller's read, queued behind `first`. */
+  read?: ((tx: H) => PromiseLike<unknown>) | undefined;
+  /** Map a failure of `first` (typed lock errors). */
+  failed(err: unknown): unknown;
+  /**
+   * Decide on the rows of `first` and the read (it may await, still in the transaction): the writes
+   * to send with COMMIT (as for {@link commitWith}), or {@link STOP} to write nothing and stop.
+   */
+  decide(rows: Row[][], read: unknown, tx: H): unknown;
+}
+
+/** Returned by {@link Pipelined.decide}: write nothing, end the transaction (a try-lock that missed). */
+export const STOP: unique symbol = Symbol('pgcoord.stop');
+
+/** What a {@link Pipelined} plan produced. */
+export interface PipelinedResult {
+  rows: Row[][];
+  read: unknown;
+  written: unknown[];
+}
+
+/**
+ * The hot path of every lock plan (`withLock` / `withRowLock` with a plan) on a plain postgres.js
+ * pool: [BEGIN, ...first, read] in one round trip, `decide`, then [writes, COMMIT] in a second. It
+ * is `inTransaction` + `send` + `commitWith` with the same connection, outcomes and lifecycle
+ * (`finish`), minus the layers between them, which cost more client CPU than the SQL on this path.
+ * Returns undefined for any other runner (a drizzle db, node-postgres, a caller's transaction):
+ * callers then take the general path.
+ */
+export function pipelinedOnPgjs<H>(
+  runner: Runner,
+  opts: TransactionOptions,
+  plan: Pipelined<H>,
+): Promise<PipelinedResult | null> | undefined {
+  let k: ReturnType<typeof classify>;
+  let begin: string;
+  try {
+    k = classify(runner);
+    begin = beginText(opts);
+  } catch {
+    return undefined; // the general path reports it
+  }
+  if (k.kind !== 'pgjs-pool' || k.drizzle) return undefined;
+  return pinPgjs(k.sql).then((pin) => {
+    const conn = new PgjsConn(pin.raw, true, pin.loss, pin, begin);
+    return finish(
+      conn,
+      () => runPipelined(conn, guardedHandle(pin, conn) as H, plan),
+      (text) => (pin.raw.unsafe as Unsafe)(text),
+      (poisoned) => pin.release(poisoned),
+    );
+  });
+}
+
+async function runPipelined<H>(conn: PgjsConn, handle: H, plan: Pipelined<H>): Promise<PipelinedResult | null> {
+  const first = conn.send(plan.first);
+  let early: PromiseLike<unknown> | undefined;
+  try {
+    early = plan.read?.(handle);
+  } catch (err) {
+    first.catch(noop);
+    throw err;
+  }
+  // Queued behind `first` now (a postgres.js query is sent when first awaited), so it runs on the
+  // server the moment the lock is granted. When the lock fails the read fails too: the lock's
+  // error wins.
+  early?.then(undefined, noop);
+  let rows: Row[][];
+  try {
+    rows = await first;
+  } catch (err) {
+    throw plan.failed(err);
+  }
+  const read = early === undefined ? undefined : await early;
+  const writes = await plan.decide(rows, read, handle);
+  if (writes === STOP) return null;
+  return { rows, read, written: await commitWith(conn, writes) };
+}
+
 function joined<H>(conn: Conn, handle: unknown): Scope<H> {
   return { conn, call: async (fn) => fn(handle as H) };
 }

@@ -54,9 +54,20 @@ const expectSafe = (lines: Record<string, unknown>[]) => {
     'kill-while-idle',
     'kill-session-lock',
     'idle-in-transaction-timeout',
+    'plan-kill-while-waiting',
+    'plan-kill-while-deciding',
+    'row-plan-kill-while-deciding',
     'done',
   ]);
-  for (const name of ['kill-while-waiting', 'kill-mid-query', 'kill-while-idle', 'idle-in-transaction-timeout']) {
+  for (const name of [
+    'kill-while-waiting',
+    'kill-mid-query',
+    'kill-while-idle',
+    'idle-in-transaction-timeout',
+    'plan-kill-while-waiting',
+    'plan-kill-while-deciding',
+    'row-plan-kill-while-deciding',
+  ]) {
     expect(by[name], name).toMatchObject({ error: 'PGCOORD_CONNECTION_LOST', rows: [], next: true });
   }
   expect(by['kill-while-idle']!.later).not.toBe('ran'); // the callback's next statement ran nowhere
