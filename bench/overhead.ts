@@ -19,8 +19,16 @@ export const OVERHEAD_PAIRS: readonly (readonly [pgcoord: string, twin: string])
   ['optimistic/pgcoord', 'optimistic/same'],
 ];
 
+/**
+ * The noise control: the first pair's twin against itself, interleaved the same way. Its median
+ * would be 1.00× on a quiet machine; how far it strays says how far the pairs above can be trusted.
+ */
+export const NOISE_CONTROL = 'advisory/best';
+
 /** The interleaved comparison of one pair at one contention level. */
 export interface Overhead {
+  /** The A/A noise control (a strategy against itself), not a pgcoord comparison. */
+  control?: boolean;
   pgcoord: string;
   twin: string;
   label: string;
@@ -36,6 +44,9 @@ export interface Overhead {
   correct: boolean;
 }
 
+/** Unmeasured runs of each side before the pairs. */
+const WARM_RUNS = 3;
+
 const quantile = (xs: readonly number[], p: number) => {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.min(s.length - 1, Math.floor(p * s.length))] ?? Number.NaN;
@@ -43,7 +54,9 @@ const quantile = (xs: readonly number[], p: number) => {
 
 /**
  * Run `pairs` alternating pairs of `pgcoord` and `twin` on `work` (its requests cut to `requests`
- * per run), after one unmeasured run of each to bring the JIT to steady state.
+ * per run), after unmeasured runs of each: V8 keeps compiling (and recompiling, as type feedback
+ * settles) the hot path for a few thousand requests, on a background thread whose CPU would land in
+ * whichever side runs meanwhile; pgcoord's hot path, being larger, takes longer to settle.
  */
 export async function interleaved(
   pgcoord: Strategy,
@@ -58,8 +71,10 @@ export async function interleaved(
     const cpu = process.cpuUsage(cpu0);
     return { r, cpuUs: (cpu.user + cpu.system) / Math.max(1, r.completed + r.failed) };
   };
-  await run(pgcoord);
-  await run(twin);
+  for (let i = 0; i < WARM_RUNS; i++) {
+    await run(pgcoord);
+    await run(twin);
+  }
   const ratios: number[] = [];
   const cpu = { pgcoord: [] as number[], twin: [] as number[] };
   let correct = true;
@@ -74,9 +89,10 @@ export async function interleaved(
     cpu.twin.push(t.cpuUs);
   }
   return {
+    ...(pgcoord === twin ? { control: true } : {}),
     pgcoord: pgcoord.id,
     twin: twin.id,
-    label: `${pgcoord.label} / ${twin.label}`,
+    label: pgcoord === twin ? `noise control: ${twin.label} / itself` : `${pgcoord.label} / ${twin.label}`,
     orders: work.scenario.orders,
     pairs: opts.pairs,
     median: quantile(ratios, 0.5),

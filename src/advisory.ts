@@ -216,25 +216,28 @@ async function runPlan<H, R>(scope: Scope<H>, plan: LockPlan<H, R>, locked: Prom
 
 const noop = () => {};
 
-// A plan on a plain postgres.js pool, untimed (or a try) and unwatched: the runner's pipelined hot
-// path, same statements and outcomes as runPlan in inTransaction.
-function planOnPgjs<H, R>(
+// On a plain postgres.js pool, untimed (or a try) and unwatched: the runner's pipelined hot path,
+// with the same statements and outcomes as the general path below.
+function onPgjs<H>(
   runner: Runner,
   req: LockRequest,
-  plan: LockPlan<H, R>,
+  fn: ((tx: H) => unknown) | LockPlan<H, unknown>,
   options: LockOptions | undefined,
-): Promise<Acquired<LockPlanResult<R>>> | undefined {
-  const locks = lockStatements(req, xactLockFn(req));
+): Promise<Acquired<unknown>> | undefined {
+  const plan = typeof fn === 'function' ? undefined : fn;
   return pipelinedOnPgjs<H>(runner, options ?? {}, {
-    first: locks,
-    read: plan.read,
+    first: lockStatements(req, xactLockFn(req)),
+    read: plan?.read,
     failed: (err) => lockError(err, req),
     decide: (rows, read, tx) => {
-      for (const r of rows) if (r[0]?.ok === 'false') return STOP; // a try that missed: the read ran unlocked, drop it
-      return plan.write(tx, read as R);
+      for (const r of rows) if (r[0]?.ok === 'false') return STOP; // a try that missed (a plan's read ran unlocked: dropped)
+      return plan ? plan.write(tx, read) : (fn as (tx: H) => unknown)(tx);
     },
-  })?.then((r) => (r === null ? { acquired: false } : { acquired: true, value: { read: r.read as R, written: r.written } }));
+    writes: plan !== undefined,
+  })?.then((r) => (r === null ? notAcquired : { acquired: true, value: plan ? { read: r.read, written: r.value } : r.value }));
 }
+
+const notAcquired = { acquired: false } as const;
 
 // Lock events are built only when somebody subscribes (see events.ts).
 function report(which: 'acquire' | 'release', req: LockRequest, outcome: string, asked: number, granted: number, error?: unknown) {
@@ -266,8 +269,8 @@ function run<R extends Runner, T>(
   }
   const acquire = watched('acquire');
   const release = watched('release');
-  if (typeof fn !== 'function' && !acquire && !release && req.signal === undefined && !req.timeoutMs) {
-    const fast = planOnPgjs(runner, req, fn, options);
+  if (!acquire && !release && req.signal === undefined && !req.timeoutMs) {
+    const fast = onPgjs(runner, req, fn, options);
     if (fast) return fast as Promise<Acquired<T>>;
   }
   return runInTransaction(runner, req, fn, options, acquire, release);

@@ -373,28 +373,39 @@ export function withRowLock<R extends Runner, Row extends Record<string, unknown
   plan: RowLockPlan<Row, HandleOf<R>>,
   options?: RowLockOptions,
 ): Promise<RowLockPlanResult<Row>>;
-export async function withRowLock<V>(
+export function withRowLock<V>(
   runner: Runner,
   target: AnyTarget,
   fn: ((row: Row, tx: unknown) => Promise<V> | V) | RowLockPlan<Row, unknown>,
   options?: RowLockOptions,
 ): Promise<V | RowLockPlanResult<Row>> {
-  const req = request(options);
-  const plan = typeof fn === 'object' && fn !== null && typeof fn.write === 'function' ? fn : undefined;
-  if (!plan) checkFn(fn);
-  const label = checkTarget(runner, target);
-  if (plan && !isDrizzleTarget(target) && req.wait !== 'skipLocked' && req.timeoutMs === undefined && req.signal === undefined) {
+  let req: Request;
+  let plan: RowLockPlan<Row, unknown> | undefined;
+  let label: string;
+  let statement: Statement | undefined;
+  try {
+    req = request(options);
+    plan = typeof fn === 'object' && fn !== null && typeof fn.write === 'function' ? fn : undefined;
+    if (!plan) checkFn(fn);
+    label = checkTarget(runner, target);
+    if (!isDrizzleTarget(target)) statement = rawStatement(target, req, 2);
+  } catch (err) {
+    return Promise.reject(err);
+  }
+  if (statement && req.wait !== 'skipLocked' && req.timeoutMs === undefined && req.signal === undefined) {
     // the runner's pipelined hot path on a plain postgres.js pool: the same statements and outcomes
     let row: Row;
     const fast = pipelinedOnPgjs(runner, options ?? {}, {
-      first: [rawStatement(target, req, 2)],
+      first: [statement],
       failed: (err) => lockError(err, req, label),
       decide: (rows, _read, tx) => {
         row = oneRow(rows[0] ?? [], label);
-        return plan.write(row, tx);
+        return plan ? plan.write(row, tx) : (fn as (row: Row, tx: unknown) => Promise<V> | V)(row, tx);
       },
+      writes: plan !== undefined,
     });
-    if (fast) return fast.then((r) => ({ row, written: (r as PipelinedResult).written }));
+    if (fast)
+      return fast.then((r) => (plan ? { row, written: (r as PipelinedResult).value as unknown[] } : ((r as PipelinedResult).value as V)));
   }
   return inTransaction(runner, options ?? {}, async (scope) => {
     const row = await lockOne(scope, target, req, label);

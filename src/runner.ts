@@ -294,7 +294,7 @@ export async function commitWith(conn: Conn, writes: unknown): Promise<unknown[]
   return written;
 }
 
-/** A lock-read-decide-write in pgcoord's own transaction: see {@link pipelinedOnPgjs}. */
+/** A lock, then the caller's work, in pgcoord's own transaction: see {@link pipelinedOnPgjs}. */
 export interface Pipelined<H> {
   /** pgcoord's statements, sent right behind BEGIN (the lock, or the row lock that is also the read). */
   first: readonly Statement[];
@@ -303,29 +303,32 @@ export interface Pipelined<H> {
   /** Map a failure of `first` (typed lock errors). */
   failed(err: unknown): unknown;
   /**
-   * Decide on the rows of `first` and the read (it may await, still in the transaction): the writes
-   * to send with COMMIT (as for {@link commitWith}), or {@link STOP} to write nothing and stop.
+   * The caller's work on the rows of `first` and the read (it may await, still in the transaction),
+   * or {@link STOP} to do nothing (a try-lock that missed). With `writes`, it returns the writes to
+   * send with COMMIT (as for {@link commitWith}) and the result is what they returned; otherwise
+   * its own result is, and COMMIT follows.
    */
   decide(rows: Row[][], read: unknown, tx: H): unknown;
+  writes: boolean;
 }
 
-/** Returned by {@link Pipelined.decide}: write nothing, end the transaction (a try-lock that missed). */
+/** Returned by {@link Pipelined.decide}: do nothing more, end the transaction (a try-lock that missed). */
 export const STOP: unique symbol = Symbol('pgcoord.stop');
 
-/** What a {@link Pipelined} plan produced. */
+/** What a {@link Pipelined} run produced (null after {@link STOP}). */
 export interface PipelinedResult {
   rows: Row[][];
   read: unknown;
-  written: unknown[];
+  value: unknown;
 }
 
 /**
- * The hot path of every lock plan (`withLock` / `withRowLock` with a plan) on a plain postgres.js
- * pool: [BEGIN, ...first, read] in one round trip, `decide`, then [writes, COMMIT] in a second. It
- * is `inTransaction` + `send` + `commitWith` with the same connection, outcomes and lifecycle
- * (`finish`), minus the layers between them, which cost more client CPU than the SQL on this path.
- * Returns undefined for any other runner (a drizzle db, node-postgres, a caller's transaction):
- * callers then take the general path.
+ * The hot path of the lock functions (`withLock`, `withRowLock`) on a plain postgres.js pool:
+ * [BEGIN, ...first, read] in one round trip, then the caller's work, then [writes, COMMIT] (or
+ * COMMIT). It is `inTransaction` + `send` + `commitWith` with the same connection, outcomes and
+ * lifecycle (`finish`), minus the layers between them, which cost more client CPU than the SQL on
+ * this path. Returns undefined for any other runner (a drizzle db, node-postgres, a caller's
+ * transaction): callers then take the general path.
  */
 export function pipelinedOnPgjs<H>(
   runner: Runner,
@@ -372,9 +375,9 @@ async function runPipelined<H>(conn: PgjsConn, handle: H, plan: Pipelined<H>): P
     throw plan.failed(err);
   }
   const read = early === undefined ? undefined : await early;
-  const writes = await plan.decide(rows, read, handle);
-  if (writes === STOP) return null;
-  return { rows, read, written: await commitWith(conn, writes) };
+  const out = await plan.decide(rows, read, handle);
+  if (out === STOP) return null;
+  return { rows, read, value: plan.writes ? await commitWith(conn, out) : out };
 }
 
 function joined<H>(conn: Conn, handle: unknown): Scope<H> {

@@ -26,7 +26,7 @@ afterAll(() => rm(dir, { recursive: true, force: true }));
 
 async function quickRun(): Promise<{
   results: Row[];
-  overheads: { pgcoord: string; twin: string; pairs: number; median: number; correct: boolean }[];
+  overheads: { pgcoord: string; twin: string; pairs: number; median: number; correct: boolean; control?: boolean }[];
   fault?: { outcomes: { lock: string; overRefund: number }[] };
 }> {
   const json = join(dir, 'quick.json');
@@ -55,10 +55,15 @@ describe('npm run bench -- --quick', () => {
     const naiveHot = results.find((r) => r.id === 'naive/plain' && r.orders === 1);
     expect(naiveHot?.audit.overRefund).toBeGreaterThan(0);
     expect(naiveHot?.verdict).toBe('WRONG');
-    // the interleaved overhead pairs ran, both sides correct in every run (speed is not asserted)
-    expect(overheads.map((o) => o.pgcoord).sort()).toEqual(
-      ['advisory/pgcoord', 'advisory/pgcoord-callback', 'for-update/pgcoord', 'guarded/pgcoord', 'optimistic/pgcoord'].sort(),
-    );
+    // the interleaved overhead pairs ran, and the A/A noise control, both sides correct in every
+    // run (speed is not asserted)
+    expect(
+      overheads
+        .filter((o) => !o.control)
+        .map((o) => o.pgcoord)
+        .sort(),
+    ).toEqual(['advisory/pgcoord', 'advisory/pgcoord-callback', 'for-update/pgcoord', 'guarded/pgcoord', 'optimistic/pgcoord'].sort());
+    expect(overheads.filter((o) => o.control).map((o) => `${o.pgcoord} vs ${o.twin}`)).toEqual(['advisory/best vs advisory/best']);
     for (const o of overheads)
       expect({ pair: `${o.pgcoord} vs ${o.twin}`, pairs: o.pairs, correct: o.correct }).toEqual({
         pair: `${o.pgcoord} vs ${o.twin}`,
