@@ -32,10 +32,21 @@ const part = /^[A-Za-z_][A-Za-z0-9_$]{0,62}$/;
  */
 export function quoteIdent(name: unknown, qualified = false): string {
   if (typeof name !== 'string') throw new InvalidIdentifierError(name);
+  // An application names the same few tables and columns on every call: check each name once.
+  const seen = qualified ? quotedTables : quotedColumns;
+  const known = seen.get(name);
+  if (known !== undefined) return known;
   const parts = name.split('.');
   if (parts.length > (qualified ? 2 : 1) || !parts.every((p) => part.test(p))) throw new InvalidIdentifierError(name);
-  return parts.map((p) => `"${p}"`).join('.');
+  const quoted = parts.map((p) => `"${p}"`).join('.');
+  if (seen.size >= QUOTED_MAX) seen.clear(); // names built from data must not grow it without bound
+  seen.set(name, quoted);
+  return quoted;
 }
+
+const QUOTED_MAX = 1000;
+const quotedTables = new Map<string, string>();
+const quotedColumns = new Map<string, string>();
 
 /**
  * A row (or rows) of a table, for raw SQL: `key` columns compared for equality (`{ id: 7 }`),
@@ -55,21 +66,23 @@ export interface SqlTarget {
 export class Params {
   readonly values: unknown[];
   constructor(first: readonly unknown[] = []) {
-    this.values = [...first];
+    this.values = first.slice();
   }
   add(value: unknown): string {
-    this.values.push(value);
-    return `$${this.values.length}`;
+    const n = this.values.push(value);
+    return placeholders[n] ?? `$${n}`;
   }
 }
+
+const placeholders = Array.from({ length: 65 }, (_, n) => `$${n}`);
 
 export interface CompiledTarget {
   table: string;
   /** The WHERE condition (without the keyword). */
   where: string;
   params: Params;
-  /** For messages: `orders {"id":7}`. */
-  label: string;
+  /** For messages: `orders {"id":7}` (built when read). */
+  readonly label: string;
 }
 
 /**
@@ -85,24 +98,39 @@ export function compileTarget(target: SqlTarget, { requireKey = false } = {}): C
   if (where !== undefined && (where === null || typeof where !== 'object' || typeof where.text !== 'string' || !where.text.trim()))
     throw new InvalidOptionError('where must be { text, params? } with non-empty text');
   if (where?.params !== undefined && !Array.isArray(where.params)) throw new InvalidOptionError('where.params must be an array');
-  const keyEntries = Object.entries(key ?? {});
-  if (requireKey && keyEntries.length === 0) throw new InvalidOptionError('key must name at least one column');
-  if (keyEntries.length === 0 && !where) throw new InvalidOptionError('target needs a key or a where fragment');
   const params = new Params(where?.params ?? []);
-  const conditions: string[] = where ? [`(${where.text})`] : [];
-  for (const [column, value] of keyEntries) {
+  // (built on every call of every raw-target function: one string, no intermediate arrays)
+  let conditions = where ? `(${where.text})` : '';
+  let keys = 0;
+  for (const column in key) {
+    if (!Object.hasOwn(key, column)) continue;
+    const value = key[column];
     if (value === undefined) throw new InvalidOptionError(`key column ${column} is undefined`);
-    conditions.push(value === null ? `${quoteIdent(column)} is null` : `${quoteIdent(column)} = ${params.add(value)}`);
+    if (conditions) conditions += ' and ';
+    conditions += value === null ? `${quoteIdent(column)} is null` : `${quoteIdent(column)} = ${params.add(value)}`;
+    keys++;
   }
-  const label = `${target.table}${key ? ` ${safeJson(key)}` : ''}${where ? ` where ${where.text}` : ''}`;
-  return { table, where: conditions.join(' and '), params, label };
+  if (requireKey && keys === 0) throw new InvalidOptionError('key must name at least one column');
+  if (keys === 0 && !where) throw new InvalidOptionError('target needs a key or a where fragment');
+  return {
+    table,
+    where: conditions,
+    params,
+    get label() {
+      return `${target.table}${key ? ` ${safeJson(key)}` : ''}${where ? ` where ${where.text}` : ''}`;
+    },
+  };
 }
 
 function safeJson(value: unknown): string {
   try {
-    return JSON.stringify(value, (_k, v) => (typeof v === 'bigint' ? v.toString() : v));
+    return JSON.stringify(value); // the common case, and several times faster than with a replacer
   } catch {
-    return String(value);
+    try {
+      return JSON.stringify(value, (_k, v) => (typeof v === 'bigint' ? v.toString() : v));
+    } catch {
+      return String(value);
+    }
   }
 }
 
@@ -131,16 +159,18 @@ export function compileInsert(insert: InsertWithUpdate, params: Params, updated:
     throw new InvalidOptionError('insert.values must be an object');
   if (fromRow === null || typeof fromRow !== 'object' || Array.isArray(fromRow))
     throw new InvalidOptionError('insert.fromRow must be an object');
-  const columns: string[] = [];
-  const exprs: string[] = [];
-  for (const [column, value] of Object.entries(values)) {
-    columns.push(quoteIdent(column));
-    exprs.push(params.add(value));
+  let columns = '';
+  let exprs = '';
+  for (const column in values) {
+    if (!Object.hasOwn(values, column)) continue;
+    columns += `${columns ? ', ' : ''}${quoteIdent(column)}`;
+    exprs += `${exprs ? ', ' : ''}${params.add(values[column])}`;
   }
-  for (const [column, source] of Object.entries(fromRow)) {
-    columns.push(quoteIdent(column));
-    exprs.push(`${updated}.${quoteIdent(source)}`);
+  for (const column in fromRow) {
+    if (!Object.hasOwn(fromRow, column)) continue;
+    columns += `${columns ? ', ' : ''}${quoteIdent(column)}`;
+    exprs += `${exprs ? ', ' : ''}${updated}.${quoteIdent(fromRow[column])}`;
   }
-  if (columns.length === 0) throw new InvalidOptionError('insert needs at least one column in values or fromRow');
-  return `insert into ${quoteIdent(insert.into, true)} (${columns.join(', ')}) select ${exprs.join(', ')} from ${updated}`;
+  if (!columns) throw new InvalidOptionError('insert needs at least one column in values or fromRow');
+  return `insert into ${quoteIdent(insert.into, true)} (${columns}) select ${exprs} from ${updated}`;
 }
