@@ -16,7 +16,7 @@ import { type FaultResult, faultScenario } from './fault.js';
 import { environment } from './machine.js';
 import { interleaved, NOISE_CONTROL, OVERHEAD_PAIRS, type Overhead } from './overhead.js';
 import { findPgbench, pgbenchScripts, runPgbench } from './pgbench.js';
-import { ratios } from './ratios.js';
+import { OVERHEAD_TARGET, ratios } from './ratios.js';
 import { htmlReport } from './report-html.js';
 import { terminalReport } from './report-terminal.js';
 import type { StrategyResult } from './result.js';
@@ -146,6 +146,11 @@ export async function main(argv: string[]): Promise<number> {
       } finally {
         await pool.sql.end({ timeout: 1 });
       }
+      const control = overheads.find((o) => o.control);
+      if (control && Math.abs(control.median - 1) > 1 - OVERHEAD_TARGET)
+        notes.push(
+          `noise control: ${control.twin} came out ${control.median.toFixed(2)}× against itself, so the overhead ratios in this run are only good to about ±${Math.round(Math.abs(control.median - 1) * 100)} %`,
+        );
     }
     let fault: FaultResult | undefined;
     if (opts.fault) {
