@@ -356,25 +356,16 @@ export function pipelinedOnPgjs<H>(
 }
 
 async function runPipelined<H>(conn: PgjsConn, handle: H, plan: Pipelined<H>): Promise<PipelinedResult | null> {
-  const first = conn.send(plan.first);
-  let early: PromiseLike<unknown> | undefined;
-  try {
-    early = plan.read?.(handle);
-  } catch (err) {
-    first.catch(noop);
-    throw err;
-  }
-  // Queued behind `first` now (a postgres.js query is sent when first awaited), so it runs on the
-  // server the moment the lock is granted. When the lock fails the read fails too: the lock's
-  // error wins.
-  early?.then(undefined, noop);
+  const { read: reader } = plan;
   let rows: Row[][];
   try {
-    rows = await first;
+    // the read rides behind the locks, in the same batch: it runs on the server the moment they
+    // are granted; when a lock fails the read fails too, and the lock's error comes first
+    rows = await (reader ? conn.sendThen(plan.first, () => reader(handle)) : conn.send(plan.first));
   } catch (err) {
     throw plan.failed(err);
   }
-  const read = early === undefined ? undefined : await early;
+  const read = reader ? rows.pop() : undefined;
   const out = await plan.decide(rows, read, handle);
   if (out === STOP) return null;
   return { rows, read, value: plan.writes ? await commitWith(conn, out) : out };
@@ -704,6 +695,29 @@ class PgjsConn implements Conn, TxState {
     return this.#settle(queries, true, 0, queries.length - 1);
   }
 
+  /**
+   * `send(statements)` with the caller's statement, issued by `then` behind them, in the same round
+   * trip and settled in the same batch (no await in between): the rows of each statement, then the
+   * caller's result, last.
+   */
+  sendThen(statements: readonly Statement[], then: () => PromiseLike<unknown>): Promise<Row[][]> {
+    if (this.loss.aborted) return Promise.reject(this.loss.reason);
+    if (this.ended) return Promise.reject(new ConnectionLostError('this transaction has already committed'));
+    const queries: PromiseLike<Row[]>[] = [];
+    const first = this.begin();
+    if (first) queries.push(first);
+    const skip = queries.length;
+    const unsafe = this.sql.unsafe as Unsafe;
+    for (const s of statements) queries.push(unsafe(s.text, (s.params ?? []) as unknown[], prepared).execute());
+    try {
+      queries.push(then() as PromiseLike<Row[]>);
+    } catch (err) {
+      for (const q of queries) q.then(undefined, noop); // their outcome no longer matters
+      return Promise.reject(err);
+    }
+    return this.#settle(queries, false, skip, queries.length);
+  }
+
   send(statements: readonly Statement[], signal?: AbortSignal, options?: SendOptions): Promise<Row[][]> {
     if (this.loss.aborted) return Promise.reject(this.loss.reason);
     if (signal?.aborted) return Promise.reject(signal.reason);
@@ -742,7 +756,7 @@ class PgjsConn implements Conn, TxState {
 
   // The rows of queries[from, to), once all have settled; or the lost-connection outcome if the
   // connection dies first (CommitUnknownError when COMMIT was in the batch).
-  #settle(queries: Promise<Row[]>[], committing: boolean, from: number, to: number): Promise<Row[][]> {
+  #settle(queries: readonly PromiseLike<Row[]>[], committing: boolean, from: number, to: number): Promise<Row[][]> {
     return this.loss.all(queries).then(
       (batch) => {
         const rows = settle(batch, this.loss, committing);
