@@ -1,9 +1,10 @@
 // Profiling aid, not a test and not part of `npm run bench`: two strategies of the benchmark run
 // alternately in one process (long runs, many pairs, after warm-up runs of each), printing the
 // median of the per-pair throughput ratios and of the client-CPU differences per request. Against
-// bench/profile/stub-server.mjs only the client's CPU counts, which is what pgcoord adds; there an
-// A/A run (a strategy against itself) reads 1.00 within about 2 %, where the real server's noise
-// on a shared 2-core machine is ±10 %. Run it compiled, as the benchmark is:
+// bench/profile/stub-server.mjs only the client's CPU counts, which is what pgcoord adds. Within
+// one invocation an A/A run (a strategy against itself) reads 1.00 within a few percent, but on a
+// shared 2-core VM the same comparison swings by tens of µs per request between invocations:
+// repeat it and compare medians. Run it compiled, as the benchmark is:
 //   node bench/profile/stub-server.mjs &
 //   npx esbuild bench/profile/ab.ts --bundle --platform=node --format=esm --packages=external --outfile=bench/.build/ab.mjs
 //   node bench/.build/ab.mjs advisory/best advisory/pgcoord
