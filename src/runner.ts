@@ -344,15 +344,7 @@ export function pipelinedOnPgjs<H>(
     return undefined; // the general path reports it
   }
   if (k.kind !== 'pgjs-pool' || k.drizzle) return undefined;
-  return pinPgjs(k.sql).then((pin) => {
-    const conn = new PgjsConn(pin.raw, true, pin.loss, pin, begin);
-    return finish(
-      conn,
-      () => runPipelined(conn, guardedHandle(pin, conn) as H, plan),
-      (text) => (pin.raw.unsafe as Unsafe)(text),
-      (poisoned) => pin.release(poisoned),
-    );
-  });
+  return ownPgjs(k.sql, begin, (conn, pin) => runPipelined(conn, guardedHandle(pin, conn) as H, plan));
 }
 
 async function runPipelined<H>(conn: PgjsConn, handle: H, plan: Pipelined<H>): Promise<PipelinedResult | null> {
@@ -703,12 +695,8 @@ class PgjsConn implements Conn, TxState {
   sendThen(statements: readonly Statement[], then: () => PromiseLike<unknown>): Promise<Row[][]> {
     if (this.loss.aborted) return Promise.reject(this.loss.reason);
     if (this.ended) return Promise.reject(new ConnectionLostError('this transaction has already committed'));
-    const queries: PromiseLike<Row[]>[] = [];
-    const first = this.begin();
-    if (first) queries.push(first);
-    const skip = queries.length;
-    const unsafe = this.sql.unsafe as Unsafe;
-    for (const s of statements) queries.push(unsafe(s.text, (s.params ?? []) as unknown[], prepared).execute());
+    const queries: PromiseLike<Row[]>[] = this.#issue(statements);
+    const skip = queries.length - statements.length;
     try {
       queries.push(then() as PromiseLike<Row[]>);
     } catch (err) {
@@ -722,19 +710,13 @@ class PgjsConn implements Conn, TxState {
     if (this.loss.aborted) return Promise.reject(this.loss.reason);
     if (signal?.aborted) return Promise.reject(signal.reason);
     if (this.ended) return Promise.reject(new ConnectionLostError('this transaction has already committed'));
-    // Issued without awaiting in between: postgres.js writes them in one packet (pipelined).
-    const queries: PgjsQuery[] = [];
-    const first = this.begin();
-    if (first) queries.push(first);
-    const skip = queries.length;
+    const queries = this.#issue(statements);
+    const skip = queries.length - statements.length;
     const committing = this.own && options?.commit === true;
-    if (committing) this.ended = true;
-    const unsafe = this.sql.unsafe as Unsafe;
-    // Prepared (unless the pool says `prepare: false`, e.g. behind PgBouncer): an unprepared
-    // statement with parameters costs postgres.js a Describe round trip first and stops the
-    // pipeline behind it; a prepared one is described once per connection.
-    for (const s of statements) queries.push(unsafe(s.text, (s.params ?? []) as unknown[], prepared).execute());
-    if (committing) queries.push(unsafe('commit', [], prepared).execute());
+    if (committing) {
+      this.ended = true;
+      queries.push((this.sql.unsafe as Unsafe)('commit', [], prepared).execute());
+    }
     const end = skip + statements.length;
     if (!signal) return this.#settle(queries, committing, skip, end);
     // Cancel only the earliest statement still running or queued: a Postgres cancel hits whatever
@@ -752,6 +734,19 @@ class PgjsConn implements Conn, TxState {
     };
     signal.addEventListener('abort', cancel, { once: true });
     return this.#settle(queries, committing, skip, end).finally(() => signal.removeEventListener('abort', cancel));
+  }
+
+  // BEGIN when not sent yet, then `statements`, issued without awaiting in between: postgres.js
+  // writes them in one packet (pipelined). Prepared (unless the pool says `prepare: false`, e.g.
+  // behind PgBouncer): an unprepared statement with parameters costs postgres.js a Describe round
+  // trip first and stops the pipeline behind it; a prepared one is described once per connection.
+  #issue(statements: readonly Statement[]): PgjsQuery[] {
+    const queries: PgjsQuery[] = [];
+    const first = this.begin();
+    if (first) queries.push(first);
+    const unsafe = this.sql.unsafe as Unsafe;
+    for (const s of statements) queries.push(unsafe(s.text, (s.params ?? []) as unknown[], prepared).execute());
+    return queries;
   }
 
   // The rows of queries[from, to), once all have settled; or the lost-connection outcome if the
@@ -804,9 +799,22 @@ function guardedHandle(pin: PgjsPin, conn: PgjsConn): Fn {
 // Members of a reserved postgres.js handle that send a statement (the others only build values).
 const sends = new Set(['unsafe', 'file', 'notify']);
 
-function pgjsOwn<T>(sql: Fn, begin: string, drizzleDb: AnyObj | undefined, body: (s: Scope<unknown>) => Promise<T>): Promise<T> {
+// pgcoord's own transaction on a freshly pinned postgres.js connection: `work` runs in it, and
+// finish() commits or rolls back and gives the connection back (or drops it).
+function ownPgjs<T>(sql: Fn, begin: string, work: (conn: PgjsConn, pin: PgjsPin) => Promise<T>): Promise<T> {
   return pinPgjs(sql).then((pin) => {
     const conn = new PgjsConn(pin.raw, true, pin.loss, pin, begin);
+    return finish(
+      conn,
+      () => work(conn, pin),
+      (text) => (pin.raw.unsafe as Unsafe)(text),
+      (poisoned) => pin.release(poisoned),
+    );
+  });
+}
+
+function pgjsOwn<T>(sql: Fn, begin: string, drizzleDb: AnyObj | undefined, body: (s: Scope<unknown>) => Promise<T>): Promise<T> {
+  return ownPgjs(sql, begin, (conn, pin) => {
     let handle: Fn | undefined;
     const scope: Scope<unknown> = {
       conn,
@@ -823,12 +831,7 @@ function pgjsOwn<T>(sql: Fn, begin: string, drizzleDb: AnyObj | undefined, body:
         return (r instanceof Promise ? r : Promise.resolve(r)) as Promise<never>;
       },
     };
-    return finish(
-      conn,
-      () => body(scope),
-      (text) => (pin.raw.unsafe as Unsafe)(text),
-      (poisoned) => pin.release(poisoned),
-    );
+    return body(scope);
   });
 }
 
