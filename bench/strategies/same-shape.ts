@@ -1,8 +1,9 @@
 // Hand-written twins of pgcoord strategies in pgcoord's exact SQL shape: the statements pgcoord
 // sends (captured with postgres.js's `debug` hook), in the same round trips, prepared as pgcoord's
 // are, so the ratio pgcoord / twin measures pgcoord's JavaScript only.
-import { ADD_REFUND, SELECT_ORDER_VERSION } from '../sql.js';
-import { onReserved, order, PREPARED, pipeline } from './reserved.js';
+import { ADD_REFUND } from '../sql.js';
+import { optimisticRefund } from './optimistic.js';
+import { onReserved, order, pipeline } from './reserved.js';
 import { fits, type Strategy } from './types.js';
 
 const AS_PGCOORD = { prepare: true } as const; // pgcoord prepares its statements too
@@ -72,23 +73,11 @@ export const optimisticSame: Strategy = {
   label: 'optimistic, same SQL as pgcoord',
   expectCorrect: true,
   dedupes: false,
-  async refund(ctx, req) {
-    for (let attempt = 1; ; attempt++) {
-      const o = order(await ctx.sql.unsafe(SELECT_ORDER_VERSION, [req.orderId], PREPARED));
-      if (!fits(o, req.amount)) return 'rejected';
-      const rows = await ctx.sql.unsafe(
-        PGCOORD_VERSIONED,
-        [req.orderId, o.refunded + req.amount, o.version ?? 0, req.requestId, req.amount],
-        AS_PGCOORD,
-      );
-      if (rows.length === 1) {
-        await ctx.gateway.pay(req);
-        return 'refunded';
-      }
-      await ctx.sql.unsafe(PGCOORD_VERSION_NOW, [req.orderId], AS_PGCOORD);
-      if (attempt >= ctx.maxAttempts) throw Object.assign(new Error('optimistic: too many version conflicts'), { code: 'RETRY' });
-      ctx.retry();
-      await new Promise((r) => setTimeout(r, Math.random() * Math.min(1000, 10 * 2 ** (attempt - 1))));
-    }
-  },
+  refund: (ctx, req) =>
+    optimisticRefund(ctx, req, {
+      write: (o) =>
+        ctx.sql.unsafe(PGCOORD_VERSIONED, [req.orderId, o.refunded + req.amount, o.version ?? 0, req.requestId, req.amount], AS_PGCOORD),
+      onConflict: () => ctx.sql.unsafe(PGCOORD_VERSION_NOW, [req.orderId], AS_PGCOORD),
+      backoff: (attempt) => new Promise((r) => setTimeout(r, Math.random() * Math.min(1000, 10 * 2 ** (attempt - 1)))),
+    }),
 };
