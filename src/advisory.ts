@@ -82,7 +82,9 @@ function lockTexts(fn: string) {
   let t = texts.get(fn);
   if (!t) {
     t = {
-      one: `select ${fn}($1::int8)::text as ok`,
+      // a blocking lock returns void: nothing to read (the plain call, as anyone writes it by hand);
+      // a try returns a boolean, read as text like the aggregate forms' ('false' = missed)
+      one: fn.includes('_try_') ? `select ${fn}($1::int8)::text as ok` : `select ${fn}($1::int8)`,
       many: `select bool_and(${fn}(k)::text <> 'false')::text as ok from unnest($1::int8[]) as k`,
       pairs: `select bool_and(${fn}(a, b)::text <> 'false')::text as ok from unnest($1::int4[], $2::int4[]) as t(a, b)`,
     };

@@ -1,6 +1,17 @@
 import { AbortedError, InvalidOptionError } from './errors.js';
 import { type Row, type Runner, runStatement, type TransactionOptions } from './runner.js';
-import { compileInsert, compileTarget, type InsertWithUpdate, quoteIdent } from './sql-target.js';
+import {
+  compileInsert,
+  compileTarget,
+  type InsertWithUpdate,
+  isBlank,
+  quoteIdent,
+  ShapeCache,
+  type SqlTarget,
+  targetLabel,
+  walkInsert,
+  walkTarget,
+} from './sql-target.js';
 
 /**
  * A guarded update: `set` is applied to the row with this `key` only if `guard` holds for it.
@@ -49,22 +60,74 @@ export interface GuardedUpdateOptions extends TransactionOptions {
  * });
  * if (r.status === 'applied') console.log(r.row.refunded);
  */
-export async function guardedUpdate<R extends Record<string, unknown> = Row>(
+export function guardedUpdate<R extends Record<string, unknown> = Row>(
   runner: Runner,
   update: GuardedUpdate,
   options: GuardedUpdateOptions = {},
 ): Promise<GuardedResult<R>> {
+  let statement: { text: string; params: unknown[] };
+  try {
+    statement = compile(update, options);
+  } catch (err) {
+    return Promise.reject(err);
+  }
+  const { signal } = options;
+  const pending = runStatement(runner, statement, options);
+  if (!signal) return pending.then(outcome as (rows: Row[]) => GuardedResult<R>);
+  return pending.then(outcome as (rows: Row[]) => GuardedResult<R>, (err: unknown) => {
+    if (signal.aborted)
+      throw new AbortedError(`guarded update of ${targetLabel({ table: update.table, key: update.key })} was aborted`, { cause: err });
+    throw err;
+  });
+}
+
+function outcome(rows: Row[]): GuardedResult {
+  const row = rows[0];
+  if (row?.pgcoord_applied === true) {
+    // The statement puts pgcoord's two columns last: deleting the properties a row got last (in
+    // reverse order) keeps it a fast object in V8, where copying it without them costs a new object.
+    delete row.pgcoord_found;
+    delete row.pgcoord_applied;
+    return { status: 'applied', row };
+  }
+  return Number(row?.pgcoord_found ?? 0) > 0 ? { status: 'guard-failed' } : { status: 'not-found' };
+}
+
+const shapes = new ShapeCache();
+const SET_TEXT = Symbol('set text');
+const INSERT = Symbol('insert');
+
+// The statement of an update: its values, collected while walking its shape, and the text of that
+// shape (built once; see ShapeCache). User params keep their numbers; key, set-object and insert
+// values are numbered after them, in that order.
+function compile(update: GuardedUpdate, options: GuardedUpdateOptions): { text: string; params: unknown[] } {
   if (update === null || typeof update !== 'object') throw new InvalidOptionError('update must be an object');
-  const { set, guard, params = [] } = update;
-  if (typeof guard !== 'string' || !guard.trim()) throw new InvalidOptionError('guard must be a non-empty SQL condition');
+  const { table, key, set, guard, params = [], insert } = update;
+  if (typeof guard !== 'string' || isBlank(guard)) throw new InvalidOptionError('guard must be a non-empty SQL condition');
   if (!Array.isArray(params)) throw new InvalidOptionError('params must be an array');
   if (options === null || typeof options !== 'object') throw new InvalidOptionError('options must be an object');
   const { signal } = options;
   if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidOptionError('signal must be an AbortSignal');
-  // user params keep their numbers; key (and set object) values are appended after them
-  const t = compileTarget({ table: update.table, key: update.key, where: { text: 'true', params } }, { requireKey: true });
+  const target = { table, key, where: { text: 'true', params } };
+  const values: unknown[] = [];
+  let at = walkTarget(shapes, shapes.root(), target, values);
+  at = shapes.step(at, guard);
+  if (typeof set === 'string') at = shapes.step(shapes.step(at, SET_TEXT), set);
+  else if (set !== null && typeof set === 'object' && !Array.isArray(set))
+    for (const column in set) {
+      if (!Object.hasOwn(set, column)) continue;
+      at = shapes.step(at, column);
+      values.push(set[column]);
+    }
+  if (insert !== undefined) at = walkInsert(shapes, shapes.step(at, INSERT), insert, values);
+  return { text: shapes.text(at, values, () => compileText(update, target)), params: values };
+}
+
+function compileText(update: GuardedUpdate, target: SqlTarget): { text: string; values: readonly unknown[] } {
+  const { set, guard } = update;
+  const t = compileTarget(target, { requireKey: true });
   let setText: string;
-  if (typeof set === 'string' && set.trim()) setText = set;
+  if (typeof set === 'string' && !isBlank(set)) setText = set;
   else if (set !== null && typeof set === 'object' && !Array.isArray(set) && Object.keys(set).length > 0)
     setText = Object.entries(set)
       .map(([column, value]) => `${quoteIdent(column)} = ${t.params.add(value)}`)
@@ -88,19 +151,7 @@ export async function guardedUpdate<R extends Record<string, unknown> = Row>(
   //   since the snapshot fails with 40001 instead (retryable).
   const text = `with pgcoord_r as (select (${guard}) as pgcoord_ok from ${t.table} where ${t.where} for no key update),
 pgcoord_u as (update ${t.table} set ${setText} from pgcoord_r where ${t.where} and pgcoord_r.pgcoord_ok returning ${t.table}.*, true as pgcoord_applied)${insert}
-select (select count(*) from pgcoord_r)::int as pgcoord_found, pgcoord_u.* from (values (1)) as pgcoord_d (x) left join pgcoord_u on true`;
+select pgcoord_u.*, (select count(*) from pgcoord_r)::int as pgcoord_found from (values (1)) as pgcoord_d (x) left join pgcoord_u on true`;
 
-  let rows: Row[];
-  try {
-    rows = await runStatement(runner, { text, params: t.params.values }, options);
-  } catch (err) {
-    if (signal?.aborted) throw new AbortedError(`guarded update of ${t.label.replace(/ where true$/, '')} was aborted`, { cause: err });
-    throw err;
-  }
-  const first = rows[0];
-  if (first?.pgcoord_applied === true) {
-    const { pgcoord_found: _found, pgcoord_applied: _applied, ...row } = first;
-    return { status: 'applied', row: row as R };
-  }
-  return Number(first?.pgcoord_found ?? 0) > 0 ? { status: 'guard-failed' } : { status: 'not-found' };
+  return { text, values: t.params.values };
 }

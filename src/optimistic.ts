@@ -3,7 +3,16 @@ import { type PgColumn, PgTable, type PgUpdateSetSource } from 'drizzle-orm/pg-c
 import { InvalidOptionError, PgcoordError } from './errors.js';
 import { RowNotFoundError } from './row-locks.js';
 import { inTransaction, type Row, type Runner, runStatement, type TransactionOptions } from './runner.js';
-import { compileInsert, compileTarget, type InsertWithUpdate, quoteIdent, type SqlTarget } from './sql-target.js';
+import {
+  compileInsert,
+  compileTarget,
+  type InsertWithUpdate,
+  quoteIdent,
+  ShapeCache,
+  type SqlTarget,
+  walkInsert,
+  walkTarget,
+} from './sql-target.js';
 
 /** A version number as you read it (postgres.js returns int8 as a string). */
 export type Version = number | bigint | string;
@@ -85,16 +94,59 @@ export function updateVersioned<Row extends Record<string, unknown> = Record<str
   update: SqlVersionedUpdate,
   options?: TransactionOptions,
 ): Promise<Row>;
-export async function updateVersioned(
+export function updateVersioned(
   runner: Runner,
   update: SqlVersionedUpdate | DrizzleVersionedUpdate<PgTable>,
   options: TransactionOptions = {},
 ): Promise<Row> {
-  if (update === null || typeof update !== 'object') throw new InvalidOptionError('update must be an object');
-  checkExpected(update.expected);
-  checkSet(update.set);
-  if (is(update.table, PgTable)) return drizzleVersioned(runner, update as DrizzleVersionedUpdate<PgTable>, options);
-  const u = update as SqlVersionedUpdate;
+  let statement: { text: string; params: unknown[] };
+  try {
+    if (update === null || typeof update !== 'object') throw new InvalidOptionError('update must be an object');
+    checkExpected(update.expected);
+    checkSet(update.set);
+    if (is(update.table, PgTable)) return drizzleVersioned(runner, update as DrizzleVersionedUpdate<PgTable>, options);
+    statement = compile(update as SqlVersionedUpdate);
+  } catch (err) {
+    return Promise.reject(err);
+  }
+  // One statement: in autocommit on a pool (one round trip), inside the caller's transaction otherwise.
+  return runStatement(runner, statement, options).then((rows) => rows[0] ?? missed(runner, update as SqlVersionedUpdate));
+}
+
+// The update matched nothing: the row is gone or its version moved. Read which (never blocked by
+// row locks; in the caller's transaction when there is one); the reported version is informational.
+async function missed(runner: Runner, u: SqlVersionedUpdate): Promise<never> {
+  const t = compileTarget(u);
+  const [now] = await runStatement(
+    runner,
+    { text: `select ${quoteIdent(u.version ?? 'version')} as v from ${t.table} where ${t.where} limit 1`, params: t.params.values },
+    {},
+    true,
+  );
+  if (!now) throw new RowNotFoundError(t.label);
+  throw new VersionConflictError(t.label, u.expected, now.v as Version);
+}
+
+const shapes = new ShapeCache();
+const INSERT = Symbol('insert');
+
+// The statement of an update: its values, collected while walking its shape, and the text of that
+// shape (built once; see ShapeCache): the target's values, the set values, the expected version,
+// then the insert's.
+function compile(u: SqlVersionedUpdate): { text: string; params: unknown[] } {
+  const values: unknown[] = [];
+  let at = shapes.step(walkTarget(shapes, shapes.root(), u, values), u.version ?? 'version');
+  for (const column in u.set) {
+    if (!Object.hasOwn(u.set, column)) continue;
+    at = shapes.step(at, column);
+    values.push(u.set[column]);
+  }
+  values.push(u.expected);
+  if (u.insert !== undefined) at = walkInsert(shapes, shapes.step(at, INSERT), u.insert, values);
+  return { text: shapes.text(at, values, () => compileText(u)), params: values };
+}
+
+function compileText(u: SqlVersionedUpdate): { text: string; values: readonly unknown[] } {
   const version = quoteIdent(u.version ?? 'version');
   const t = compileTarget(u);
   const sets = Object.entries(u.set).map(([column, value]) => {
@@ -109,20 +161,7 @@ export async function updateVersioned(
     u.insert === undefined
       ? update1
       : `with pgcoord_u as (${update1}), pgcoord_i as (${compileInsert(u.insert, t.params, 'pgcoord_u')}) select * from pgcoord_u`;
-  // One statement: in autocommit on a pool (one round trip), inside the caller's transaction otherwise.
-  const rows = await runStatement(runner, { text, params: t.params.values }, options);
-  if (rows[0]) return rows[0];
-  // The update matched nothing: the row is gone or its version moved. Read which (never blocked by
-  // row locks; in the caller's transaction when there is one); the reported version is informational.
-  const again = compileTarget(u);
-  const [now] = await runStatement(
-    runner,
-    { text: `select ${version} as v from ${again.table} where ${again.where} limit 1`, params: again.params.values },
-    {},
-    true,
-  );
-  if (!now) throw new RowNotFoundError(t.label);
-  throw new VersionConflictError(t.label, u.expected, now.v as Version);
+  return { text, values: t.params.values };
 }
 
 async function drizzleVersioned(runner: Runner, u: DrizzleVersionedUpdate<PgTable>, options: TransactionOptions): Promise<Row> {

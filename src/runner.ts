@@ -246,25 +246,39 @@ export function runStatement(
       return signal && !scope.conn.own ? scope.conn.savepoint(run) : run(scope.conn);
     });
   }
-  if (signal && cancel) signal.addEventListener('abort', cancel, { once: true });
+  // (no signal: no closures to make, the common case)
+  if (!signal || !cancel) return pending.then(undefined, reads ? readFailed : autocommitFailed);
+  signal.addEventListener('abort', cancel, { once: true });
+  const stop = () => signal.removeEventListener('abort', cancel);
   return pending.then(
     (rows) => {
-      if (signal && cancel) signal.removeEventListener('abort', cancel);
+      stop();
       return rows;
     },
     (err: unknown) => {
-      if (signal && cancel) signal.removeEventListener('abort', cancel);
-      // (a refused connection is also "lost": tell it apart first, nothing was sent)
-      if (isConnectFailure(err)) throw noConnection(err);
-      if (reads && isConnectionLost(err)) throw new ConnectionLostError(undefined, { cause: err });
-      if (isConnectionLost(err))
-        throw new CommitUnknownError({
-          cause: err,
-          message: 'database connection lost while an autocommit statement was in flight: it may or may not have committed',
-        });
-      throw err;
+      stop();
+      return reads ? readFailed(err) : autocommitFailed(err);
     },
   );
+}
+
+// The error of an autocommit statement, or of a read (which commits nothing: a connection lost
+// under it is a plain ConnectionLostError). A refused connection is also "lost": it is told apart
+// first (nothing was sent).
+function readFailed(err: unknown): never {
+  if (isConnectFailure(err)) throw noConnection(err);
+  if (isConnectionLost(err)) throw new ConnectionLostError(undefined, { cause: err });
+  throw err;
+}
+
+function autocommitFailed(err: unknown): never {
+  if (isConnectFailure(err)) throw noConnection(err);
+  if (isConnectionLost(err))
+    throw new CommitUnknownError({
+      cause: err,
+      message: 'database connection lost while an autocommit statement was in flight: it may or may not have committed',
+    });
+  throw err;
 }
 
 // A postgres.js query not sent yet: `.execute()` queues it on its connection, in call order.

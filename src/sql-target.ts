@@ -76,13 +76,48 @@ export class Params {
 
 const placeholders = Array.from({ length: 65 }, (_, n) => `$${n}`);
 
-export interface CompiledTarget {
-  table: string;
-  /** The WHERE condition (without the keyword). */
-  where: string;
-  params: Params;
-  /** For messages: `orders {"id":7}` (built when read). */
-  readonly label: string;
+/** A checked raw target: quoted table, WHERE condition and its parameters. */
+export class CompiledTarget {
+  constructor(
+    readonly table: string,
+    /** The WHERE condition (without the keyword). */
+    readonly where: string,
+    readonly params: Params,
+    private readonly target: SqlTarget,
+  ) {}
+
+  /** For messages: `orders {"id":7}`, built only when read (a getter on the prototype: no closure per call). */
+  get label(): string {
+    return targetLabel(this.target);
+  }
+}
+
+/** `orders {"id":7}`, `jobs where queue = $1`: a target named in messages. */
+export function targetLabel({ table, key, where }: SqlTarget): string {
+  return `${table}${key ? ` ${safeJson(key)}` : ''}${where ? ` where ${where.text}` : ''}`;
+}
+
+// The checks of a target's structure (its names are checked by quoteIdent when compiled).
+function checkTarget(target: SqlTarget): void {
+  if (target === null || typeof target !== 'object') throw new InvalidOptionError('target must be an object');
+  const { key, where } = target;
+  if (key !== undefined && (key === null || typeof key !== 'object' || Array.isArray(key)))
+    throw new InvalidOptionError('key must be an object of column → value');
+  if (where !== undefined && (where === null || typeof where !== 'object' || typeof where.text !== 'string' || isBlank(where.text)))
+    throw new InvalidOptionError('where must be { text, params? } with non-empty text');
+  if (where?.params !== undefined && !Array.isArray(where.params)) throw new InvalidOptionError('where.params must be an array');
+}
+
+function keyValue(key: Record<string, unknown>, column: string): unknown {
+  const value = key[column];
+  if (value === undefined) throw new InvalidOptionError(`key column ${column} is undefined`);
+  return value;
+}
+
+/** True for a string with nothing but white space (without allocating a trimmed copy). */
+export function isBlank(text: string): boolean {
+  for (let i = 0; i < text.length; i++) if (text.charCodeAt(i) > 32) return false;
+  return text.trim() === '';
 }
 
 /**
@@ -90,36 +125,104 @@ export interface CompiledTarget {
  * go first), so pgcoord never rewrites user SQL text; key values are appended after them.
  */
 export function compileTarget(target: SqlTarget, { requireKey = false } = {}): CompiledTarget {
-  if (target === null || typeof target !== 'object') throw new InvalidOptionError('target must be an object');
+  checkTarget(target);
   const table = quoteIdent(target.table, true);
   const { key, where } = target;
-  if (key !== undefined && (key === null || typeof key !== 'object' || Array.isArray(key)))
-    throw new InvalidOptionError('key must be an object of column → value');
-  if (where !== undefined && (where === null || typeof where !== 'object' || typeof where.text !== 'string' || !where.text.trim()))
-    throw new InvalidOptionError('where must be { text, params? } with non-empty text');
-  if (where?.params !== undefined && !Array.isArray(where.params)) throw new InvalidOptionError('where.params must be an array');
   const params = new Params(where?.params ?? []);
-  // (built on every call of every raw-target function: one string, no intermediate arrays)
   let conditions = where ? `(${where.text})` : '';
   let keys = 0;
   for (const column in key) {
     if (!Object.hasOwn(key, column)) continue;
-    const value = key[column];
-    if (value === undefined) throw new InvalidOptionError(`key column ${column} is undefined`);
+    const value = keyValue(key, column);
     if (conditions) conditions += ' and ';
     conditions += value === null ? `${quoteIdent(column)} is null` : `${quoteIdent(column)} = ${params.add(value)}`;
     keys++;
   }
   if (requireKey && keys === 0) throw new InvalidOptionError('key must name at least one column');
   if (keys === 0 && !where) throw new InvalidOptionError('target needs a key or a where fragment');
-  return {
-    table,
-    where: conditions,
-    params,
-    get label() {
-      return `${target.table}${key ? ` ${safeJson(key)}` : ''}${where ? ` where ${where.text}` : ''}`;
-    },
-  };
+  return new CompiledTarget(table, conditions, params, target);
+}
+
+/**
+ * Statement texts by shape. An application calls pgcoord with the same few shapes (table, key
+ * columns, set columns, SQL fragments) and new values each time, so each shape's text is built,
+ * and its names checked, once; a call then only walks its shape and collects its values.
+ *
+ * A shape is a path in this trie, one level per part (a name, a fragment, a count, a flag), so two
+ * different shapes never share a path, whatever their strings contain. Only a text that compiled
+ * is stored, so a path with an invalid name never has one: every call of an invalid shape compiles,
+ * and fails, as it would without the cache.
+ */
+export class ShapeCache {
+  #root: ShapeNode = new Map();
+  #nodes = 0;
+
+  /** At most `max` nodes: shapes made from data must not grow it without bound (it starts over). */
+  constructor(private readonly max = 10_000) {}
+
+  /** Where every path starts. */
+  root(): ShapeNode {
+    if (this.#nodes >= this.max) {
+      this.#root = new Map();
+      this.#nodes = 0;
+    }
+    return this.#root;
+  }
+
+  /** The child of `node` for `part` (created on the way). */
+  step(node: ShapeNode, part: unknown): ShapeNode {
+    let next = node.get(part) as ShapeNode | undefined;
+    if (next === undefined) {
+      next = new Map();
+      node.set(part, next);
+      this.#nodes++;
+    }
+    return next;
+  }
+
+  /**
+   * The text stored at `node`, or else `compile()`'s, stored when the values it numbered are the
+   * ones the caller collected (the walk and the compiler agree on the order): `values` is then
+   * what the text takes, in either case.
+   */
+  text(node: ShapeNode, values: readonly unknown[], compile: () => { text: string; values: readonly unknown[] }): string {
+    const known = node.get(TEXT) as string | undefined;
+    if (known !== undefined) return known;
+    const compiled = compile();
+    if (compiled.values.length !== values.length || !compiled.values.every((v, i) => Object.is(v, values[i])))
+      throw new Error(`pgcoord internal error: a statement's parameters came out in another order than its shape's (${compiled.text})`);
+    // stored flat: a text built by concatenation is a tree of pieces in V8, walked again each time
+    // the driver copies it (into its statement-cache key) on every call
+    const text = JSON.parse(JSON.stringify(compiled.text)) as string;
+    node.set(TEXT, text);
+    return text;
+  }
+}
+
+/** A node of a {@link ShapeCache}. */
+export type ShapeNode = Map<unknown, unknown>;
+
+const TEXT = Symbol('pgcoord.text');
+
+/**
+ * Walk a target's shape (table, where fragment and its parameter count, key columns and which are
+ * null) and collect its values in {@link compileTarget}'s order: the where params, then the keys.
+ */
+export function walkTarget(cache: ShapeCache, node: ShapeNode, target: SqlTarget, values: unknown[]): ShapeNode {
+  checkTarget(target);
+  const { key, where } = target;
+  let at = cache.step(cache.step(node, target.table), where === undefined ? undefined : where.text);
+  if (where?.params) {
+    at = cache.step(at, where.params.length);
+    for (const p of where.params) values.push(p);
+  }
+  for (const column in key) {
+    if (!Object.hasOwn(key, column)) continue;
+    const value = keyValue(key, column);
+    at = cache.step(cache.step(at, column), value === null);
+    if (value !== null) values.push(value);
+  }
+  return at;
 }
 
 function safeJson(value: unknown): string {
@@ -153,12 +256,7 @@ export interface InsertWithUpdate {
  * row, none when the update matched nothing (it draws its rows from the update's RETURNING).
  */
 export function compileInsert(insert: InsertWithUpdate, params: Params, updated: string): string {
-  if (insert === null || typeof insert !== 'object') throw new InvalidOptionError('insert must be { into, values?, fromRow? }');
-  const { values = {}, fromRow = {} } = insert;
-  if (values === null || typeof values !== 'object' || Array.isArray(values))
-    throw new InvalidOptionError('insert.values must be an object');
-  if (fromRow === null || typeof fromRow !== 'object' || Array.isArray(fromRow))
-    throw new InvalidOptionError('insert.fromRow must be an object');
+  const { values, fromRow } = checkInsert(insert);
   let columns = '';
   let exprs = '';
   for (const column in values) {
@@ -174,3 +272,32 @@ export function compileInsert(insert: InsertWithUpdate, params: Params, updated:
   if (!columns) throw new InvalidOptionError('insert needs at least one column in values or fromRow');
   return `insert into ${quoteIdent(insert.into, true)} (${columns}) select ${exprs} from ${updated}`;
 }
+
+function checkInsert(insert: InsertWithUpdate): Required<Pick<InsertWithUpdate, 'values' | 'fromRow'>> {
+  if (insert === null || typeof insert !== 'object') throw new InvalidOptionError('insert must be { into, values?, fromRow? }');
+  const { values = {}, fromRow = {} } = insert;
+  if (values === null || typeof values !== 'object' || Array.isArray(values))
+    throw new InvalidOptionError('insert.values must be an object');
+  if (fromRow === null || typeof fromRow !== 'object' || Array.isArray(fromRow))
+    throw new InvalidOptionError('insert.fromRow must be an object');
+  return { values, fromRow };
+}
+
+/** Walk an insert's shape (table, value columns, row columns) and collect its values in {@link compileInsert}'s order. */
+export function walkInsert(cache: ShapeCache, node: ShapeNode, insert: InsertWithUpdate, values: unknown[]): ShapeNode {
+  const { values: columns, fromRow } = checkInsert(insert);
+  let at = cache.step(node, insert.into);
+  for (const column in columns) {
+    if (!Object.hasOwn(columns, column)) continue;
+    at = cache.step(at, column);
+    values.push(columns[column]);
+  }
+  at = cache.step(at, FROM_ROW);
+  for (const column in fromRow) {
+    if (!Object.hasOwn(fromRow, column)) continue;
+    at = cache.step(cache.step(at, column), fromRow[column]);
+  }
+  return at;
+}
+
+const FROM_ROW = Symbol('fromRow');

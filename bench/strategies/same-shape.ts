@@ -16,7 +16,7 @@ const PGCOORD_GUARDED =
   'with pgcoord_r as (select (refunded + $1 <= total) as pgcoord_ok from "orders" where (true) and "id" = $2 for no key update),\n' +
   'pgcoord_u as (update "orders" set refunded = refunded + $1 from pgcoord_r where (true) and "id" = $2 and pgcoord_r.pgcoord_ok returning "orders".*, true as pgcoord_applied), ' +
   'pgcoord_i as (insert into "refunds" ("request_id", "amount", "order_id") select $3, $4, pgcoord_u."id" from pgcoord_u)\n' +
-  'select (select count(*) from pgcoord_r)::int as pgcoord_found, pgcoord_u.* from (values (1)) as pgcoord_d (x) left join pgcoord_u on true';
+  'select pgcoord_u.*, (select count(*) from pgcoord_r)::int as pgcoord_found from (values (1)) as pgcoord_d (x) left join pgcoord_u on true';
 
 /** withRowLock's write-plan shape: [BEGIN + row lock (limit 2)], then [UPDATE + COMMIT]. */
 export const forUpdateSame: Strategy = {
