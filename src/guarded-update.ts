@@ -120,7 +120,7 @@ function compile(update: GuardedUpdate, options: GuardedUpdateOptions): { text: 
       values.push(set[column]);
     }
   if (insert !== undefined) at = walkInsert(shapes, shapes.step(at, INSERT), insert, values);
-  return { text: shapes.text(at, values, () => compileText(update, target)), params: values };
+  return { text: shapes.get(at) ?? shapes.set(at, values, compileText(update, target)), params: values };
 }
 
 function compileText(update: GuardedUpdate, target: SqlTarget): { text: string; values: readonly unknown[] } {

@@ -143,7 +143,7 @@ function compile(u: SqlVersionedUpdate): { text: string; params: unknown[] } {
   }
   values.push(u.expected);
   if (u.insert !== undefined) at = walkInsert(shapes, shapes.step(at, INSERT), u.insert, values);
-  return { text: shapes.text(at, values, () => compileText(u)), params: values };
+  return { text: shapes.get(at) ?? shapes.set(at, values, compileText(u)), params: values };
 }
 
 function compileText(u: SqlVersionedUpdate): { text: string; values: readonly unknown[] } {

@@ -13,6 +13,7 @@ import { type Isolation, inTransaction, type Runner, runnerKind, type Transactio
 export type RetryReason = 'version-conflict' | 'serialization' | 'deadlock' | 'lock-not-available';
 
 const reasons: readonly RetryReason[] = ['version-conflict', 'serialization', 'deadlock', 'lock-not-available'];
+const DEFAULT_RETRY_ON: readonly RetryReason[] = ['version-conflict', 'serialization', 'deadlock'];
 
 /** What one attempt gets. */
 export interface Attempt {
@@ -92,22 +93,14 @@ function nonNegative(name: string, value: unknown): void {
 
 function check(options: RetryOptions): Checked {
   if (options === null || typeof options !== 'object') throw new InvalidOptionError('options must be an object');
-  const {
-    attempts = 5,
-    deadlineMs,
-    baseMs = 10,
-    maxMs = 1000,
-    signal,
-    retryOn = ['version-conflict', 'serialization', 'deadlock'],
-    onRetry,
-  } = options;
+  const { attempts = 5, deadlineMs, baseMs = 10, maxMs = 1000, signal, retryOn = DEFAULT_RETRY_ON, onRetry } = options;
   if (typeof attempts !== 'number' || !Number.isInteger(attempts) || attempts < 1)
     throw new InvalidOptionError(`attempts must be an integer >= 1, got ${String(attempts)}`);
   if (deadlineMs !== undefined) nonNegative('deadlineMs', deadlineMs);
   nonNegative('baseMs', baseMs);
   nonNegative('maxMs', maxMs);
   if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidOptionError('signal must be an AbortSignal');
-  if (!Array.isArray(retryOn) || !retryOn.every((r) => reasons.includes(r)))
+  if (retryOn !== DEFAULT_RETRY_ON && !(Array.isArray(retryOn) && retryOn.every((r) => reasons.includes(r))))
     throw new InvalidOptionError(`retryOn must list reasons among ${reasons.map((r) => `'${r}'`).join(', ')}`);
   if (onRetry !== undefined && typeof onRetry !== 'function') throw new InvalidOptionError('onRetry must be a function');
   return { attempts, deadlineMs, baseMs, maxMs, signal, retryOn, onRetry };

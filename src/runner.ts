@@ -230,13 +230,13 @@ export function runStatement(
   let cancel: (() => void) | undefined;
   if (alone && k.kind === 'pgjs-pool') {
     const q = (k.sql.unsafe as Unsafe)(statement.text, params, prepared);
-    cancel = () => q.cancel();
+    if (signal) cancel = () => q.cancel();
     pending = q.execute();
   } else if (alone && (k.kind === 'pg-client' || (k.kind === 'pg-pool' && !signal))) {
     // (a pg Pool's query() hides its client, which a cancel needs: with a signal, the path below)
     const target = k.kind === 'pg-pool' ? k.pool : k.client;
     const query = target.query as (text: string, params: unknown[]) => Promise<{ rows: Row[] }>;
-    if (k.kind === 'pg-client') cancel = () => void cancelPg(k.client);
+    if (k.kind === 'pg-client' && signal) cancel = () => void cancelPg(k.client);
     pending = query.call(target, statement.text, params).then((r) => r.rows);
   }
   if (!pending) {

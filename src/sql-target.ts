@@ -180,15 +180,16 @@ export class ShapeCache {
     return next;
   }
 
+  /** The text stored at `node`: its shape compiled before. */
+  get(node: ShapeNode): string | undefined {
+    return node.get(TEXT) as string | undefined;
+  }
+
   /**
-   * The text stored at `node`, or else `compile()`'s, stored when the values it numbered are the
-   * ones the caller collected (the walk and the compiler agree on the order): `values` is then
-   * what the text takes, in either case.
+   * Store (and return) the text `compiled` for the shape ending at `node`, once its values are the
+   * ones the caller collected while walking it (the walk and the compiler agree on the order).
    */
-  text(node: ShapeNode, values: readonly unknown[], compile: () => { text: string; values: readonly unknown[] }): string {
-    const known = node.get(TEXT) as string | undefined;
-    if (known !== undefined) return known;
-    const compiled = compile();
+  set(node: ShapeNode, values: readonly unknown[], compiled: { text: string; values: readonly unknown[] }): string {
     if (compiled.values.length !== values.length || !compiled.values.every((v, i) => Object.is(v, values[i])))
       throw new Error(`pgcoord internal error: a statement's parameters came out in another order than its shape's (${compiled.text})`);
     // stored flat: a text built by concatenation is a tree of pieces in V8, walked again each time

@@ -1,7 +1,9 @@
 // Profiling aid, not a test and not part of `npm run bench`: one strategy, run for WARM then
 // REQUESTS requests against bench/profile/stub-server.mjs, meant to be run under
-// `valgrind --tool=callgrind`, whose instruction count is repeatable where a timer is not (see
-// bench/profile/icount.sh, which runs it at two request counts and prints the difference per request).
+// `valgrind --tool=callgrind`, whose instruction count is repeatable where a timer is not. See
+// bench/profile/icount.sh, which counts only the REQUESTS (WAIT_FOR_SIGNAL: after the warm-up it
+// prints "ready" and waits for SIGUSR2 while counting is switched on).
+import { PerformanceObserver } from 'node:perf_hooks';
 import postgres from 'postgres';
 import { strategies } from '../strategies/index.js';
 import type { StrategyContext } from '../strategies/types.js';
@@ -27,10 +29,31 @@ async function run(requests: number) {
   );
 }
 await run(env('WARM', 2000));
+if (process.env.WAIT_FOR_SIGNAL) {
+  // icount.sh switches callgrind's counting on now (callgrind_control -i on), then signals
+  console.error('ready');
+  await new Promise<void>((resolve) => {
+    const alive = setInterval(() => {}, 1000);
+    process.once('SIGUSR2', () => {
+      clearInterval(alive);
+      resolve();
+    });
+  });
+}
 const requests = env('REQUESTS', 1000);
+let collections = 0;
+const gcs = new PerformanceObserver((list) => {
+  collections += list.getEntries().length;
+});
+gcs.observe({ entryTypes: ['gc'] });
 const heap0 = process.memoryUsage().heapUsed;
 await run(requests);
-// with a young generation too large to fill (--min/max-semi-space-size), no GC runs in this
-// window and the heap's growth is what the requests allocated
-console.log(`allocated ${Math.round((process.memoryUsage().heapUsed - heap0) / Math.max(1, requests))} bytes/request`);
+const heap1 = process.memoryUsage().heapUsed;
+await new Promise((resolve) => setImmediate(resolve)); // (gc entries are delivered asynchronously)
+gcs.disconnect();
+// With a young generation too large to fill (--min/max-semi-space-size) no GC runs in this window,
+// and the heap's growth is what the requests allocated; when one ran anyway, there is no figure.
+console.log(
+  collections ? 'allocated ? bytes/request (a GC ran)' : `allocated ${Math.round((heap1 - heap0) / Math.max(1, requests))} bytes/request`,
+);
 await sql.end({ timeout: 1 });

@@ -62,9 +62,12 @@ function shape(text) {
   if (t.includes('pg_advisory_xact_lock') && t.includes(' as ok')) return { cols: [['ok', 25]], rows: [['true']], tag: 'SELECT 1' };
   if (t.includes('pg_advisory_xact_lock')) return { cols: [['pg_advisory_xact_lock', 2278]], rows: [['']], tag: 'SELECT 1' };
   if (t.startsWith('select') && t.includes('orders')) return { cols: ORDER, rows: [ORDER_ROW], tag: 'SELECT 1' };
+  // guardedUpdate's statement ends with its two columns, in this order
+  if (t.includes('pgcoord_found'))
+    return { cols: [...ORDER, ['pgcoord_applied', 16], ['pgcoord_found', 23]], rows: [[...ORDER_ROW, 't', 1]], tag: 'SELECT 1' };
   if (t.startsWith('with') || t.includes(' returning ')) {
-    const cols = [['pgcoord_found', 23], ['pgcoord_applied', 16], ...ORDER, ['fresh', 23], ['done', 23]];
-    return { cols, rows: [[1, 't', ...ORDER_ROW, 1, 1]], tag: 'SELECT 1' };
+    const cols = [...ORDER, ['fresh', 23], ['done', 23]];
+    return { cols, rows: [[...ORDER_ROW, 1, 1]], tag: 'SELECT 1' };
   }
   if (t.startsWith('update')) return { cols: null, rows: [], tag: 'UPDATE 1' };
   if (t.startsWith('insert')) return { cols: null, rows: [], tag: 'INSERT 0 1' };
