@@ -51,7 +51,9 @@ const cpu0 = process.cpuUsage();
 await run(requests);
 const cpu = process.cpuUsage(cpu0);
 // (natively, not under valgrind: the process's CPU per request, V8's background threads included)
-console.log(`cpu ${((cpu.user + cpu.system) / requests).toFixed(1)} µs/request`);
+console.log(
+  `cpu ${((cpu.user + cpu.system) / requests).toFixed(1)} µs/request (user ${(cpu.user / requests).toFixed(1)}, system ${(cpu.system / requests).toFixed(1)})`,
+);
 const heap1 = process.memoryUsage().heapUsed;
 await new Promise((resolve) => setImmediate(resolve)); // (gc entries are delivered asynchronously)
 gcs.disconnect();
