@@ -1012,6 +1012,11 @@ async function drizzlePgTx<T>(db: AnyObj, client: AnyObj, fn: (tx: unknown) => T
 
 // Commit or roll back pgcoord's own transaction. Never a statement on a connection known to be
 // dead; a commit whose answer is lost with the connection is reported as unknown, not as failed.
+// Whether the connection is lost, without making the AbortSignal of a postgres.js connection
+// (made only when someone asks for it: an AbortController per transaction costs microseconds).
+const lostNow = (conn: Conn): boolean => (conn instanceof PgjsConn ? conn.loss.aborted : conn.lost.aborted);
+const lostReason = (conn: Conn): unknown => (conn instanceof PgjsConn ? conn.loss.reason : conn.lost.reason);
+
 async function finish<T>(
   conn: Conn & TxState,
   work: () => Promise<T>,
@@ -1028,9 +1033,9 @@ async function finish<T>(
     }
     // A dead connection is never written to again: no ROLLBACK (the server rolls back when the
     // session ends), and the connection is dropped, not returned to the pool.
-    if (conn.lost.aborted || isConnectionLost(err)) {
+    if (lostNow(conn) || isConnectionLost(err)) {
       release(true);
-      throw conn.lost.aborted ? conn.lost.reason : new ConnectionLostError(undefined, { cause: err });
+      throw lostNow(conn) ? lostReason(conn) : new ConnectionLostError(undefined, { cause: err });
     }
     let poisoned = false;
     if (conn.sent && !conn.ended) {
@@ -1047,14 +1052,14 @@ async function finish<T>(
     release(false);
     return result;
   }
-  if (conn.lost.aborted) {
+  if (lostNow(conn)) {
     release(true);
-    throw conn.lost.reason;
+    throw lostReason(conn);
   }
   try {
     await run('commit');
   } catch (err) {
-    if (isConnectionLost(err) || conn.lost.aborted) {
+    if (isConnectionLost(err) || lostNow(conn)) {
       release(true);
       throw new CommitUnknownError({ cause: err });
     }
