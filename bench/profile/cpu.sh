@@ -3,8 +3,9 @@
 # benchmark strategies against the wire-protocol stub, each strategy in processes of its own (no
 # JIT state shared with the other side, which skews in-process A/B runs of code that shares
 # postgres.js), alternating, ROUNDS times; prints the minimum (interference only ever adds) and the
-# median. On this shared 2-core machine the minimum repeats to within about 5 µs per request; use
-# it where callgrind (icount.sh) is unstable, i.e. for the lock strategies.
+# median. Within one invocation the minimum repeats to within about 5 µs per request, but the host's
+# speed drifts by 10-15 % over tens of minutes: compare strategies in one invocation only. Use it
+# where callgrind (icount.sh) is unstable, i.e. for the lock strategies.
 #
 #   bench/profile/cpu.sh advisory/best advisory/pgcoord
 # ROUNDS (5), WARM (5000), REQUESTS (20000), CLIENTS (16). About 10 s per strategy and round.
