@@ -1,5 +1,6 @@
 import { beforeAll, describe, expect, it } from 'vitest';
 import { AbortedError, guardedUpdate, InvalidIdentifierError, InvalidOptionError } from '../src/index.js';
+import { ShapeCache, type ShapeNode } from '../src/sql-target.js';
 import { q, sleep, useTestDb } from './helpers.js';
 
 const db = await useTestDb();
@@ -130,5 +131,78 @@ describe('guardedUpdate bad input', () => {
     await expect(guardedUpdate(db.sql, { ...base, params: 'x' as unknown as [] })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(guardedUpdate(db.sql, base, { signal: 'x' as unknown as AbortSignal })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(guardedUpdate(db.sql, base, { isolation: 'snapshot' as 'serializable' })).rejects.toBeInstanceOf(InvalidOptionError);
+  });
+});
+
+describe('guardedUpdate statement shapes (each text built once, each call with its own values)', () => {
+  it('keeps shapes apart that differ only in a null key, a set form, a param count or an insert', async () => {
+    await db.sql`create table billing.gu_log (order_id int, note text)`;
+    const table = 'billing.gu_orders';
+    // same shape as a later call, but a null key: `id is null` matches nothing
+    expect(await guardedUpdate(db.sql, { table, key: { id: null }, set: 'refunded = refunded + $1', guard: 'true', params: [1] })).toEqual({
+      status: 'not-found',
+    });
+    expect(
+      await guardedUpdate(db.sql, { table, key: { id: 30 }, set: 'refunded = refunded + $1', guard: 'true', params: [1] }),
+    ).toMatchObject({
+      status: 'applied',
+      row: { id: 30, refunded: 1 },
+    });
+    // a set object after a set fragment, otherwise the same
+    expect(
+      await guardedUpdate(db.sql, { table, key: { id: 30 }, set: { note: 'object' }, guard: 'refunded >= $1', params: [1] }),
+    ).toMatchObject({
+      row: { id: 30, refunded: 1, note: 'object' },
+    });
+    // two params, then one: the key's placeholder moves
+    const two = { table, key: { id: 31 }, set: 'refunded = refunded + $1', guard: 'refunded + $1 <= $2' };
+    expect(await guardedUpdate(db.sql, { ...two, params: [5, 300] })).toMatchObject({ row: { id: 31, refunded: 5 } });
+    expect(await guardedUpdate(db.sql, { ...two, params: [5, 4] })).toEqual({ status: 'guard-failed' });
+    expect(await guardedUpdate(db.sql, { ...two, guard: 'refunded + $1 <= total', params: [7] })).toMatchObject({ row: { refunded: 12 } });
+    // with and without an insert; the insert's values come from each call
+    for (const note of ['first', 'second']) {
+      const r = await guardedUpdate(db.sql, {
+        table,
+        key: { id: 32 },
+        set: 'refunded = refunded + $1',
+        guard: 'true',
+        params: [1],
+        insert: { into: 'billing.gu_log', values: { note }, fromRow: { order_id: 'id' } },
+      });
+      expect(r.status).toBe('applied');
+    }
+    expect(await q(db.sql, 'select order_id, note from billing.gu_log order by note')).toEqual([
+      { order_id: 32, note: 'first' },
+      { order_id: 32, note: 'second' },
+    ]);
+  });
+
+  it('checks every call of a known shape, and never stores an invalid one', async () => {
+    const good = refund(33, 1);
+    expect((await guardedUpdate(db.sql, good)).status).toBe('applied');
+    await expect(guardedUpdate(db.sql, { ...good, key: { id: undefined } })).rejects.toBeInstanceOf(InvalidOptionError);
+    for (let i = 0; i < 2; i++) {
+      await expect(guardedUpdate(db.sql, { ...good, key: { 'id"': 33 } })).rejects.toBeInstanceOf(InvalidIdentifierError);
+      await expect(guardedUpdate(db.sql, { ...good, set: { 'x y': 1 } })).rejects.toBeInstanceOf(InvalidIdentifierError);
+    }
+  });
+});
+
+describe('ShapeCache', () => {
+  it('starts over once it holds its maximum of nodes', () => {
+    const cache = new ShapeCache(3);
+    const path = (parts: unknown[]) => parts.reduce<ShapeNode>((node, p) => cache.step(node, p), cache.root());
+    const a = path(['t', 'k']);
+    cache.set(a, [1], { text: 'select 1', values: [1] });
+    expect(cache.get(path(['t', 'k']))).toBe('select 1');
+    path(['u']); // the third node
+    expect(cache.get(path(['t', 'k']))).toBeUndefined(); // the cache started over
+  });
+
+  it('refuses a text whose values are not the ones collected for its shape', () => {
+    const cache = new ShapeCache();
+    const node = cache.step(cache.root(), 'x');
+    expect(() => cache.set(node, [1, 2], { text: 'select $1, $2', values: [2, 1] })).toThrow(/internal error/);
+    expect(cache.get(node)).toBeUndefined();
   });
 });
