@@ -820,6 +820,7 @@ function ownPgjs<T>(sql: Fn, begin: string, work: (conn: PgjsConn, pin: PgjsPin)
     const conn = new PgjsConn(pin.raw, true, pin.loss, pin, begin);
     return finish(
       conn,
+      pin.loss,
       () => work(conn, pin),
       (text) => (pin.raw.unsafe as Unsafe)(text),
       (poisoned) => pin.release(poisoned),
@@ -989,6 +990,7 @@ async function pgOwn<T>(k: Kind & { kind: 'pg-pool' | 'pg-client' }, begin: stri
   const query = client.query as (text: string) => Promise<unknown>;
   return finish(
     conn,
+    watched.lost,
     () => body(scope),
     (text) => query.call(client, text),
     watched.release,
@@ -1012,13 +1014,11 @@ async function drizzlePgTx<T>(db: AnyObj, client: AnyObj, fn: (tx: unknown) => T
 
 // Commit or roll back pgcoord's own transaction. Never a statement on a connection known to be
 // dead; a commit whose answer is lost with the connection is reported as unknown, not as failed.
-// Whether the connection is lost, without making the AbortSignal of a postgres.js connection
-// (made only when someone asks for it: an AbortController per transaction costs microseconds).
-const lostNow = (conn: Conn): boolean => (conn instanceof PgjsConn ? conn.loss.aborted : conn.lost.aborted);
-const lostReason = (conn: Conn): unknown => (conn instanceof PgjsConn ? conn.loss.reason : conn.lost.reason);
-
+// `lost` is the connection's loss state as the caller holds it (a postgres.js pin's Loss, read
+// without making its AbortSignal: an AbortController per transaction costs microseconds).
 async function finish<T>(
   conn: Conn & TxState,
+  lost: { readonly aborted: boolean; readonly reason: unknown },
   work: () => Promise<T>,
   run: (text: string) => Promise<unknown>,
   release: (poisoned: boolean) => void,
@@ -1033,9 +1033,9 @@ async function finish<T>(
     }
     // A dead connection is never written to again: no ROLLBACK (the server rolls back when the
     // session ends), and the connection is dropped, not returned to the pool.
-    if (lostNow(conn) || isConnectionLost(err)) {
+    if (lost.aborted || isConnectionLost(err)) {
       release(true);
-      throw lostNow(conn) ? lostReason(conn) : new ConnectionLostError(undefined, { cause: err });
+      throw lost.aborted ? lost.reason : new ConnectionLostError(undefined, { cause: err });
     }
     let poisoned = false;
     if (conn.sent && !conn.ended) {
@@ -1052,14 +1052,14 @@ async function finish<T>(
     release(false);
     return result;
   }
-  if (lostNow(conn)) {
+  if (lost.aborted) {
     release(true);
-    throw lostReason(conn);
+    throw lost.reason;
   }
   try {
     await run('commit');
   } catch (err) {
-    if (isConnectionLost(err) || lostNow(conn)) {
+    if (isConnectionLost(err) || lost.aborted) {
       release(true);
       throw new CommitUnknownError({ cause: err });
     }
