@@ -9,6 +9,7 @@ import {
   ShapeCache,
   type SqlTarget,
   targetLabel,
+  walkColumns,
   walkInsert,
   walkTarget,
 } from './sql-target.js';
@@ -95,7 +96,6 @@ function outcome(rows: Row[]): GuardedResult {
 
 const shapes = new ShapeCache();
 const SET_TEXT = Symbol('set text');
-const INSERT = Symbol('insert');
 
 // The statement of an update: its values, collected while walking its shape, and the text of that
 // shape (built once; see ShapeCache). User params keep their numbers; key, set-object and insert
@@ -113,13 +113,8 @@ function compile(update: GuardedUpdate, options: GuardedUpdateOptions): { text: 
   let at = walkTarget(shapes, shapes.root(), target, values);
   at = shapes.step(at, guard);
   if (typeof set === 'string') at = shapes.step(shapes.step(at, SET_TEXT), set);
-  else if (set !== null && typeof set === 'object' && !Array.isArray(set))
-    for (const column in set) {
-      if (!Object.hasOwn(set, column)) continue;
-      at = shapes.step(at, column);
-      values.push(set[column]);
-    }
-  if (insert !== undefined) at = walkInsert(shapes, shapes.step(at, INSERT), insert, values);
+  else if (set !== null && typeof set === 'object' && !Array.isArray(set)) at = walkColumns(shapes, at, set, values);
+  if (insert !== undefined) at = walkInsert(shapes, at, insert, values);
   return { text: shapes.get(at) ?? shapes.set(at, values, compileText(update, target)), params: values };
 }
 

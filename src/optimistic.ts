@@ -10,6 +10,7 @@ import {
   quoteIdent,
   ShapeCache,
   type SqlTarget,
+  walkColumns,
   walkInsert,
   walkTarget,
 } from './sql-target.js';
@@ -128,21 +129,15 @@ async function missed(runner: Runner, u: SqlVersionedUpdate): Promise<never> {
 }
 
 const shapes = new ShapeCache();
-const INSERT = Symbol('insert');
 
 // The statement of an update: its values, collected while walking its shape, and the text of that
 // shape (built once; see ShapeCache): the target's values, the set values, the expected version,
 // then the insert's.
 function compile(u: SqlVersionedUpdate): { text: string; params: unknown[] } {
   const values: unknown[] = [];
-  let at = shapes.step(walkTarget(shapes, shapes.root(), u, values), u.version ?? 'version');
-  for (const column in u.set) {
-    if (!Object.hasOwn(u.set, column)) continue;
-    at = shapes.step(at, column);
-    values.push(u.set[column]);
-  }
+  let at = walkColumns(shapes, shapes.step(walkTarget(shapes, shapes.root(), u, values), u.version ?? 'version'), u.set, values);
   values.push(u.expected);
-  if (u.insert !== undefined) at = walkInsert(shapes, shapes.step(at, INSERT), u.insert, values);
+  if (u.insert !== undefined) at = walkInsert(shapes, at, u.insert, values);
   return { text: shapes.get(at) ?? shapes.set(at, values, compileText(u)), params: values };
 }
 

@@ -284,15 +284,27 @@ function checkInsert(insert: InsertWithUpdate): Required<Pick<InsertWithUpdate, 
   return { values, fromRow };
 }
 
-/** Walk an insert's shape (table, value columns, row columns) and collect its values in {@link compileInsert}'s order. */
+/**
+ * Walk the columns of `record` (its own keys, in order) into the shape and collect their values,
+ * in the order the compilers number them (`for...in` with own keys, as Object.entries gives them).
+ */
+export function walkColumns(cache: ShapeCache, node: ShapeNode, record: Record<string, unknown>, values: unknown[]): ShapeNode {
+  let at = node;
+  for (const column in record) {
+    if (!Object.hasOwn(record, column)) continue;
+    at = cache.step(at, column);
+    values.push(record[column]);
+  }
+  return at;
+}
+
+/**
+ * Walk an insert's shape (a marker, table, value columns, row columns) and collect its values in
+ * {@link compileInsert}'s order.
+ */
 export function walkInsert(cache: ShapeCache, node: ShapeNode, insert: InsertWithUpdate, values: unknown[]): ShapeNode {
   const { values: columns, fromRow } = checkInsert(insert);
-  let at = cache.step(node, insert.into);
-  for (const column in columns) {
-    if (!Object.hasOwn(columns, column)) continue;
-    at = cache.step(at, column);
-    values.push(columns[column]);
-  }
+  let at = walkColumns(cache, cache.step(cache.step(node, INSERT), insert.into), columns, values);
   at = cache.step(at, FROM_ROW);
   for (const column in fromRow) {
     if (!Object.hasOwn(fromRow, column)) continue;
@@ -301,4 +313,5 @@ export function walkInsert(cache: ShapeCache, node: ShapeNode, insert: InsertWit
   return at;
 }
 
+const INSERT = Symbol('insert');
 const FROM_ROW = Symbol('fromRow');
