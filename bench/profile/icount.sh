@@ -17,10 +17,16 @@
 #   bench/profile/icount.sh                                   # every pgcoord strategy and its twin
 #   bench/profile/icount.sh guarded/same guarded/pgcoord      # chosen strategy ids
 # WARM (20000), N1 (2000), N2 (6000), CLIENTS (16). About 40 s per strategy on 2 cores.
+# SEMI=default counts with V8's own young generation, GC work included (use N1=10000 N2=30000: GCs
+# are then frequent enough to average out); that is where postgres.js's pretenured closures show
+# (bench/profile/pretenured-closures.mjs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 2; }
 warm=${WARM:-20000} n1=${N1:-2000} n2=${N2:-6000}
+# SEMI=default: V8's own young generation, so that the GC work a request causes is counted too
+semi='--min-semi-space-size=256 --max-semi-space-size=256'
+[ "${SEMI:-}" = default ] && semi=''
 ids=("$@")
 [ ${#ids[@]} -gt 0 ] || ids=(advisory/best advisory/pgcoord advisory/same advisory/pgcoord-callback for-update/same
   for-update/pgcoord guarded/same guarded/pgcoord optimistic/same optimistic/pgcoord)
@@ -37,7 +43,7 @@ run() {
   local id=$1 n=$2 file="$out/$(echo "$1" | tr / _).$2"
   # --predictable: one thread, no time-based heap or compiler decisions, so a run repeats exactly
   WAIT_FOR_SIGNAL=1 WARM=$warm REQUESTS=$n valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$file" \
-    node --predictable --min-semi-space-size=256 --max-semi-space-size=256 bench/.build/icount.mjs "$id" \
+    node --predictable $semi bench/.build/icount.mjs "$id" \
     >"$file.log" 2>&1 &
   local pid=$!
   until grep -q '^ready' "$file.log" 2>/dev/null; do
