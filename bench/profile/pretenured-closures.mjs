@@ -4,8 +4,8 @@
 // as long-lived, and unoptimized code (interpreter, baseline) allocates it in the old generation.
 // When it captures per-call state, the dead old closure keeps that state alive through every
 // young-generation GC until the next full GC, and everything it reaches gets promoted. postgres.js
-// 3.4.9 does this for every query (`this.resolve = x => ...` in Query's constructor); its
-// constructor runs unoptimized whenever V8 does not inline it into an optimized caller.
+// 3.4.9 does this for every query (`this.resolve = x => ...` in Query's constructor), and that
+// constructor runs unoptimized because of its species getter (species-getter.mjs).
 //
 //   node bench/profile/pretenured-closures.mjs
 //
