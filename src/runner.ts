@@ -417,7 +417,7 @@ class Loss {
   aborted = false;
   reason: unknown = undefined;
   #controller: AbortController | undefined;
-  #waiters: Set<(reason: unknown) => void> | undefined;
+  #waiters: ((reason: unknown) => void)[] | undefined;
   /** `watched = false`: a connection pgcoord does not watch (a caller's transaction); never aborts. */
   constructor(readonly watched = true) {}
 
@@ -434,7 +434,7 @@ class Loss {
     this.aborted = true;
     this.reason = reason;
     this.#controller?.abort(reason);
-    if (this.#waiters) for (const reject of this.#waiters) reject(reason);
+    if (this.#waiters) for (const reject of this.#waiters.slice()) reject(reason);
   }
 
   // Every query settled, or the connection lost first. postgres.js 3.4.9 drops, without settling
@@ -443,7 +443,8 @@ class Loss {
   // promise instead of three: this runs twice per transaction.)
   all(queries: readonly PromiseLike<Row[]>[]): Promise<Batch> {
     if (this.aborted) return Promise.reject(this.reason);
-    if (this.watched) this.#waiters ??= new Set();
+    // (a plain list: at most a batch or two wait at once, where a Set costs a hash table per batch)
+    if (this.watched) this.#waiters ??= [];
     const waiters = this.#waiters;
     const batch: Batch = { rows: new Array(queries.length), failed: false, error: undefined, connectionLost: false };
     if (queries.length === 0) return Promise.resolve(batch);
@@ -451,10 +452,11 @@ class Loss {
       let left = queries.length;
       const done = () => {
         if (--left > 0) return;
-        waiters?.delete(reject);
+        const at = waiters ? waiters.indexOf(reject) : -1;
+        if (at >= 0) waiters?.splice(at, 1);
         resolve(batch);
       };
-      waiters?.add(reject);
+      waiters?.push(reject);
       for (let i = 0; i < queries.length; i++)
         (queries[i] as PromiseLike<Row[]>).then(
           (value) => {
@@ -792,26 +794,31 @@ function guardedHandle(pin: PgjsPin, conn: PgjsConn): Fn {
     // its failure (a lost connection) surfaces on the user's statement behind it
     conn.begin()?.catch(noop);
   };
+  const guarded = (send: unknown) =>
+    typeof send === 'function'
+      ? (...args: unknown[]) => {
+          before();
+          return (send as Fn).apply(raw, args);
+        }
+      : send;
   const handle = ((...args: unknown[]) => {
     before();
     return raw(...args);
   }) as Fn;
-  for (const key in raw) {
-    if (key === 'release') continue;
-    const value = raw[key];
-    handle[key] = sends.has(key)
-      ? (...args: unknown[]) => {
-          before();
-          return (value as Fn).apply(raw, args);
-        }
-      : value;
-  }
+  // Named stores in one order: every handle takes the same cached transitions (a keyed store per
+  // member in a loop costs V8 a megamorphic lookup and a runtime call each).
+  handle.types = raw.types;
+  handle.typed = raw.typed;
+  handle.unsafe = guarded(raw.unsafe);
+  handle.notify = guarded(raw.notify);
+  handle.array = raw.array;
+  handle.json = raw.json;
+  handle.file = guarded(raw.file);
   handle.savepoint = savepointOn(handle, conn);
+  // anything else a postgres.js version adds: a value builder, passed as it is
+  for (const key in raw) if (key !== 'release' && !(key in handle)) handle[key] = raw[key];
   return handle;
 }
-
-// Members of a reserved postgres.js handle that send a statement (the others only build values).
-const sends = new Set(['unsafe', 'file', 'notify']);
 
 // pgcoord's own transaction on a freshly pinned postgres.js connection: `work` runs in it, and
 // finish() commits or rolls back and gives the connection back (or drops it).

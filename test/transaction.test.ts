@@ -54,6 +54,27 @@ describe('transaction()', () => {
     await expect((async () => (escaped as typeof db.sql)`select 1`)()).rejects.toBeInstanceOf(ConnectionLostError);
   });
 
+  it("gives a postgres.js caller the reserved handle's members, guarded, detached use included, and no release()", async () => {
+    type Handle = typeof db.sql & { release?: unknown };
+    let escaped: Handle | undefined;
+    const out = await transaction(db.sql, async (tx) => {
+      const h = tx as unknown as Handle;
+      escaped = h;
+      expect(h.release).toBeUndefined();
+      const { unsafe, json, array } = h; // members work detached, as drizzle and destructuring callers use them
+      const [row] = await h`select ${json({ a: 1 })}::jsonb as j, ${array([1, 2])}::int[] as a, ${h.typed(7, 23)} as t`;
+      const [one] = await unsafe('select 1 as one');
+      return { row, one, types: h.types === (escaped as { typed?: unknown }).typed && typeof h.types === 'function' };
+    });
+    expect(out).toEqual({ row: { j: { a: 1 }, a: [1, 2], t: 7 }, one: { one: 1 }, types: true });
+    // every member that sends a statement refuses once the transaction is over
+    const h = escaped as Handle;
+    const { unsafe, notify } = h;
+    await expect((async () => unsafe('select 1'))()).rejects.toBeInstanceOf(ConnectionLostError);
+    await expect((async () => notify('pgcoord_test', 'x'))()).rejects.toBeInstanceOf(ConnectionLostError);
+    await expect((async () => h.file('/dev/null'))()).rejects.toBeInstanceOf(ConnectionLostError);
+  });
+
   it('rolls back and gives the connection back when a callback throws synchronously', async () => {
     const one = db.newSql({ max: 1 });
     for (let i = 0; i < 3; i++) {
