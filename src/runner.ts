@@ -434,7 +434,7 @@ class Loss {
     this.aborted = true;
     this.reason = reason;
     this.#controller?.abort(reason);
-    if (this.#waiters) for (const reject of this.#waiters.slice()) reject(reason);
+    if (this.#waiters) for (const reject of this.#waiters) reject(reason);
   }
 
   // Every query settled, or the connection lost first. postgres.js 3.4.9 drops, without settling
@@ -443,7 +443,6 @@ class Loss {
   // promise instead of three: this runs twice per transaction.)
   all(queries: readonly PromiseLike<Row[]>[]): Promise<Batch> {
     if (this.aborted) return Promise.reject(this.reason);
-    // (a plain list: at most a batch or two wait at once, where a Set costs a hash table per batch)
     if (this.watched) this.#waiters ??= [];
     const waiters = this.#waiters;
     const batch: Batch = { rows: new Array(queries.length), failed: false, error: undefined, connectionLost: false };
@@ -452,7 +451,7 @@ class Loss {
       let left = queries.length;
       const done = () => {
         if (--left > 0) return;
-        const at = waiters ? waiters.indexOf(reject) : -1;
+        const at = waiters?.indexOf(reject) ?? -1;
         if (at >= 0) waiters?.splice(at, 1);
         resolve(batch);
       };
