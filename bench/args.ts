@@ -24,6 +24,8 @@ export interface BenchOptions {
   redis: boolean;
   pgbench: boolean;
   fault: boolean;
+  /** The lease micro-benchmark (acquire + release vs Redis, round trips, leader failover). */
+  lease: boolean;
   json?: string;
   html?: string;
   help: boolean;
@@ -47,6 +49,8 @@ export const USAGE = `npm run bench -- [options]
   --overhead-requests N requests per run of a pair (default 400; --quick 100)
   --only a,b            only strategies whose id contains one of these (e.g. advisory,redis)
   --no-redis            skip the Redis lock     --no-pgbench   skip pgbench     --no-fault   skip the fault scenario
+  --no-lease            skip the lease micro-benchmark (acquire + release vs the Redis lock, round trips,
+                        leader failover by resign and by expiry; --quick: shorter rounds, fewer samples)
   --json FILE           where to write all figures (default bench/results/bench-<date>.json)
   --html FILE           where to write the HTML report (default next to the JSON)
 
@@ -82,6 +86,7 @@ export function parseOptions(argv: string[]): BenchOptions {
       'no-pgbench': { type: 'boolean', default: false },
       pgbench: { type: 'boolean', default: false },
       'no-fault': { type: 'boolean', default: false },
+      'no-lease': { type: 'boolean', default: false },
       json: { type: 'string' },
       html: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
@@ -115,6 +120,7 @@ export function parseOptions(argv: string[]): BenchOptions {
     redis: !values['no-redis'],
     pgbench: !values['no-pgbench'] && (!quick || (values.pgbench ?? false)),
     fault: !values['no-fault'],
+    lease: !values['no-lease'],
     json: values.json,
     html: values.html,
     help: values.help ?? false,

@@ -21,36 +21,35 @@ export interface CountedSql {
 }
 
 /**
- * Open a postgres.js pool of `max` connections on `url` whose socket writes are counted.
- * Only TCP URLs are supported (the bench server is always on a TCP port).
+ * A postgres.js `socket` option (which its type definitions do not declare): a TCP connection to
+ * `url` whose writes are counted in `trips` (one write = one round trip). It must return a connected
+ * socket (postgres.js then skips its own connect). Only TCP URLs are supported.
  */
-export function countedSql(url: string, max: number): CountedSql {
-  const trips: RoundTrips = { count: 0 };
+export function countedSocket(url: string, trips: RoundTrips): () => Promise<net.Socket> {
   const u = new URL(url);
   const host = u.hostname || '127.0.0.1';
   const port = Number(u.port || 5432);
-  // `socket` is a postgres.js option its type definitions do not declare: it must return a
-  // connected socket (postgres.js then skips its own connect).
-  const options = {
-    max,
-    onnotice: () => {},
-    idle_timeout: 0,
-    socket: () =>
-      new Promise<net.Socket>((resolve, reject) => {
-        const socket = net.connect(port, host);
-        socket.setNoDelay(true);
-        socket.once('error', reject);
-        socket.once('connect', () => {
-          socket.off('error', reject);
-          const write = socket.write.bind(socket) as (...a: unknown[]) => boolean;
-          socket.write = ((...args: unknown[]) => {
-            trips.count++;
-            return write(...args);
-          }) as typeof socket.write;
-          resolve(socket);
-        });
-      }),
-  };
+  return () =>
+    new Promise<net.Socket>((resolve, reject) => {
+      const socket = net.connect(port, host);
+      socket.setNoDelay(true);
+      socket.once('error', reject);
+      socket.once('connect', () => {
+        socket.off('error', reject);
+        const write = socket.write.bind(socket) as (...a: unknown[]) => boolean;
+        socket.write = ((...args: unknown[]) => {
+          trips.count++;
+          return write(...args);
+        }) as typeof socket.write;
+        resolve(socket);
+      });
+    });
+}
+
+/** Open a postgres.js pool of `max` connections on `url` whose socket writes are counted. */
+export function countedSql(url: string, max: number): CountedSql {
+  const trips: RoundTrips = { count: 0 };
+  const options = { max, onnotice: () => {}, idle_timeout: 0, socket: countedSocket(url, trips) };
   const sql = postgres(url, options as postgres.Options<Record<string, postgres.PostgresType>>);
   return { sql, trips };
 }

@@ -17,6 +17,20 @@ export const OVERHEAD_PAIRS: readonly (readonly [pgcoord: string, twin: string])
   ['for-update/pgcoord', 'for-update/same'],
   ['guarded/pgcoord', 'guarded/same'],
   ['optimistic/pgcoord', 'optimistic/same'],
+  ['idempotency/pgcoord-one', 'idempotency/same'],
+];
+
+/**
+ * pgcoord strategy → the hand-written strategy it must keep up with, measured the same way
+ * (interleaved) but sending other SQL by design, so not a twin (test/bench-twins.test.ts checks
+ * only the pairs above). pgcoord's one-statement idempotent refund stores what the hand-written
+ * key does not: the scope, the request's fingerprint (a reused key with another request is a 422,
+ * not a silent replay), the outcome (a replay is answered from it in the same statement, where
+ * the hand-written key needs a second one), a retention time (purge, reuse after expiry), in
+ * pgcoord's idempotency table; and it takes over expired or abandoned keys.
+ */
+export const VERSUS_PAIRS: readonly (readonly [pgcoord: string, handWritten: string])[] = [
+  ['idempotency/pgcoord-one', 'idempotency/plain'],
 ];
 
 /**
@@ -29,6 +43,8 @@ export const NOISE_CONTROL = 'advisory/best';
 export interface Overhead {
   /** The A/A noise control (a strategy against itself), not a pgcoord comparison. */
   control?: boolean;
+  /** Against a hand-written strategy of other SQL ({@link VERSUS_PAIRS}), not a same-SQL twin. */
+  versus?: boolean;
   pgcoord: string;
   twin: string;
   label: string;

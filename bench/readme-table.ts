@@ -1,7 +1,7 @@
 // Print the README's results table (Markdown) from a run's JSON: `tsx bench/readme-table.ts <file.json>`.
 import { readFileSync } from 'node:fs';
 import type { Environment } from './machine.js';
-import type { Ratio } from './ratios.js';
+import { type Ratio, targetText, valueText } from './ratios.js';
 import type { StrategyResult } from './result.js';
 
 /** Markdown table: per strategy, refunds/s, p99 and round trips at the hottest and the most spread level. */
@@ -42,5 +42,5 @@ if (process.argv[2]) {
   console.log(markdownTable(j.results, j.options.orders));
   console.log('\n| target | orders | value | status |\n|---|---|---|---|');
   for (const r of j.ratios.filter((x) => x.target !== undefined))
-    console.log(`| ${r.label} ≥ ${r.target}× | ${r.orders} | ${Number.isFinite(r.value) ? `${r.value.toFixed(2)}×` : '-'} | ${r.status} |`);
+    console.log(`| ${r.label} ${targetText(r)} | ${r.orders} | ${valueText(r)} | ${r.status} |`);
 }

@@ -1,9 +1,10 @@
 // A self-contained HTML report: inline SVG charts (throughput and p99 vs contention, one line per
 // strategy), the result tables, the ratios and the fault scenario. No script, font or stylesheet
 // is loaded from anywhere: it opens without a network.
-import type { FaultResult } from './fault.js';
+import { type FaultResult, faultNote } from './fault.js';
+import { type LeaseBench, leaseTables } from './lease.js';
 import type { Environment } from './machine.js';
-import type { Ratio } from './ratios.js';
+import { type Ratio, targetText, valueText } from './ratios.js';
 import type { StrategyResult } from './result.js';
 
 const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;');
@@ -117,6 +118,7 @@ export function htmlReport(
   fault: FaultResult | undefined,
   notes: readonly string[],
   options: Record<string, unknown>,
+  lease?: LeaseBench,
 ): string {
   const fmt = (n: number, d = 0) => (Number.isFinite(n) ? n.toFixed(d) : '-');
   const sections = levels.map((orders) => {
@@ -159,13 +161,7 @@ export function htmlReport(
   const ratioRows = (list: readonly Ratio[]) =>
     htmlTable(
       ['ratio', 'orders', 'value', 'target', 'status'],
-      list.map((r) => [
-        r.label,
-        String(r.orders),
-        `${r.value.toFixed(2)}×`,
-        r.target !== undefined ? `≥ ${r.target.toFixed(2)}×` : '',
-        r.status ?? '',
-      ]),
+      list.map((r) => [r.label, String(r.orders), valueText(r), targetText(r), r.status ?? '']),
     );
   return `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>pgcoord refund storm ${esc(env.date)}</title>
@@ -188,16 +184,19 @@ ${lineChart('p99 latency vs contention', 'p99 ms', levels, results, (r) => r.lat
 <h2>Ratios</h2>${ratioRows(rs.filter((r) => r.target === undefined))}
 ${
   fault
-    ? `<h2>Fault: a pause longer than the Redis TTL</h2><p>The first holder pauses ${fault.pauseMs} ms after its check; Redis lock TTL ${fault.ttlMs} ms; one order of ${fault.orderTotal}, two full refunds.</p>${htmlTable(
+    ? `<h2>Fault: a pause longer than the lock's TTL</h2><p>The first holder pauses ${fault.pauseMs} ms after its check; Redis lock and pgcoord lease TTL ${fault.ttlMs} ms; one order of ${fault.orderTotal}, two full refunds. The lease's holders refund in a transaction fenced by <code>withFence</code>: the paused holder's write carries its old fence.</p>${htmlTable(
         ['lock', 'payouts', 'over-refund', 'verdict', 'note'],
-        fault.outcomes.map((o) => [
-          o.lock,
-          String(o.payouts),
-          String(o.overRefund),
-          o.verdict,
-          o.lostLockNoticedAtRelease ? 'holder learned it had lost the lock only at release' : '',
-        ]),
+        fault.outcomes.map((o) => [o.lock, String(o.payouts), String(o.overRefund), o.verdict, faultNote(o)]),
       )}`
+    : ''
+}
+${
+  lease
+    ? `<h2>Leases</h2><p>pgcoord leases beside the Redis lock: acquire + release per second (a try that finds the name held is a try, not an operation), round trips of each operation, and how fast a follower takes over from a leader that resigns or dies. RT/op: Postgres round trips per acquire + release, tries included (R: Redis commands).</p>${leaseTables(
+        lease,
+      )
+        .map((t) => `<h3>${esc(t.title)}</h3>${htmlTable(t.header, t.rows)}`)
+        .join('\n')}`
     : ''
 }
 ${notes.map((n) => `<p>Note: ${esc(n)}</p>`).join('\n')}

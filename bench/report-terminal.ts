@@ -1,8 +1,9 @@
 // The terminal report: one table per contention level, then the ratios with PASS / MISS.
-import type { FaultResult } from './fault.js';
+import { type FaultResult, faultNote } from './fault.js';
+import { type LeaseBench, leaseTables } from './lease.js';
 import type { Environment } from './machine.js';
 import type { Overhead } from './overhead.js';
-import type { Ratio } from './ratios.js';
+import { type Ratio, targetText, valueText } from './ratios.js';
 import type { StrategyResult } from './result.js';
 
 const f0 = (n: number) => (Number.isFinite(n) ? Math.round(n).toString() : '-');
@@ -68,7 +69,7 @@ export function ratioTable(rs: readonly Ratio[], groups?: readonly Ratio['group'
   const shown = rs.filter((r) => !groups || groups.includes(r.group));
   return table(
     ['ratio', 'orders', 'value', 'target', 'status'],
-    shown.map((r) => [r.label, String(r.orders), `${f2(r.value)}×`, r.target !== undefined ? `≥ ${f2(r.target)}×` : '-', r.status ?? '']),
+    shown.map((r) => [r.label, String(r.orders), valueText(r), targetText(r) || '-', r.status ?? '']),
   );
 }
 
@@ -81,6 +82,7 @@ export function terminalReport(
   fault: FaultResult | undefined,
   notes: readonly string[],
   overheads: readonly Overhead[] = [],
+  lease?: LeaseBench,
 ): string {
   const out: string[] = [];
   out.push(
@@ -129,22 +131,17 @@ export function terminalReport(
   );
   if (fault) {
     out.push(
-      `== fault: the first holder pauses ${fault.pauseMs} ms after its check; Redis lock TTL ${fault.ttlMs} ms; order total ${fault.orderTotal}`,
+      `== fault: the first holder pauses ${fault.pauseMs} ms after its check; Redis lock and lease TTL ${fault.ttlMs} ms; order total ${fault.orderTotal}`,
     );
     out.push(
       table(
         ['lock', 'payouts', 'over-refund', 'verdict', 'note'],
-        fault.outcomes.map((o) => [
-          o.lock,
-          String(o.payouts),
-          String(o.overRefund),
-          o.verdict,
-          o.lostLockNoticedAtRelease ? 'holder learned it had lost the lock only at release' : '',
-        ]),
+        fault.outcomes.map((o) => [o.lock, String(o.payouts), String(o.overRefund), o.verdict, faultNote(o)]),
       ),
       '',
     );
   }
+  if (lease) for (const t of leaseTables(lease)) out.push(`== ${t.title}`, table(t.header, t.rows), '');
   for (const n of notes) out.push(`note: ${n}`);
   return out.join('\n');
 }

@@ -1,7 +1,8 @@
 // `npm run bench`: the refund storm, every strategy side by side, in one process and one run.
 //
 //   server (DATABASE_URL or embedded) → a database of its own → for each contention level, each
-//   strategy on fresh tables → pgbench scripts → the fault scenario → terminal table, JSON, HTML.
+//   strategy on fresh tables → pgbench scripts → the fault scenario → the lease micro-benchmark →
+//   terminal table, JSON, HTML.
 import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -9,12 +10,14 @@ import cliProgress from 'cli-progress';
 import { Redis } from 'ioredis';
 import postgres from 'postgres';
 import { migrate } from '../src/idempotency/index.js';
+import { migrateLeases } from '../src/lease/migrate.js';
 import { createTestDatabase, startTestServer } from '../src/testing/index.js';
 import { type BenchOptions, parseOptions, USAGE } from './args.js';
 import { drive, openPool } from './driver.js';
 import { type FaultResult, faultScenario } from './fault.js';
+import { LEASE_CHILD, type LeaseBench, leaseBench, leaseChild } from './lease.js';
 import { environment } from './machine.js';
-import { interleaved, NOISE_CONTROL, OVERHEAD_PAIRS, type Overhead } from './overhead.js';
+import { interleaved, NOISE_CONTROL, OVERHEAD_PAIRS, type Overhead, VERSUS_PAIRS } from './overhead.js';
 import { findPgbench, pgbenchScripts, runPgbench } from './pgbench.js';
 import { OVERHEAD_TARGET, ratios } from './ratios.js';
 import { htmlReport } from './report-html.js';
@@ -84,17 +87,19 @@ export async function main(argv: string[]): Promise<number> {
   try {
     await createSchema(admin);
     await migrate(admin); // pgcoord's idempotency table
+    if (opts.fault || opts.lease) await migrateLeases(admin); // pgcoord's lease table
     const env = await environment(admin, server.source);
     if (redisVersion) env.redis = redisVersion;
     if (pgbench) env.pgbench = pgbench.version;
     const chosen = strategies.filter((s) => wanted(opts, s.id) && (!s.needsRedis || redis));
     const scripts = pgbench ? pgbenchScripts.filter((s) => wanted(opts, s.id)) : [];
+    const versus = new Set(VERSUS_PAIRS.map(([a, b]) => `${a} ${b}`));
     const pairs = opts.overheadPairs
-      ? [...OVERHEAD_PAIRS, [NOISE_CONTROL, NOISE_CONTROL] as const]
+      ? [...OVERHEAD_PAIRS, ...VERSUS_PAIRS, [NOISE_CONTROL, NOISE_CONTROL] as const]
           .map(([a, b]) => [chosen.find((s) => s.id === a), chosen.find((s) => s.id === b)] as const)
           .filter((p): p is readonly [Strategy, Strategy] => p[0] !== undefined && p[1] !== undefined)
       : [];
-    const total = opts.orders.length * (chosen.length + scripts.length) + pairs.length + (opts.fault ? 1 : 0);
+    const total = opts.orders.length * (chosen.length + scripts.length) + pairs.length + (opts.fault ? 1 : 0) + (opts.lease ? 1 : 0);
     const bar = new cliProgress.SingleBar(
       { stream: process.stderr, format: ' {bar} {value}/{total} | {eta_formatted} left | {task}', hideCursor: true, clearOnComplete: true },
       cliProgress.Presets.shades_classic,
@@ -132,15 +137,14 @@ export async function main(argv: string[]): Promise<number> {
       try {
         for (const [p, t] of pairs) {
           bar.update({ task: `overhead: ${p.label} vs ${t.label}` });
-          overheads.push(
-            await interleaved(p, t, work, {
-              pool,
-              redis,
-              maxAttempts: opts.maxAttempts,
-              pairs: opts.overheadPairs,
-              requests: opts.overheadRequests,
-            }),
-          );
+          const o = await interleaved(p, t, work, {
+            pool,
+            redis,
+            maxAttempts: opts.maxAttempts,
+            pairs: opts.overheadPairs,
+            requests: opts.overheadRequests,
+          });
+          overheads.push(versus.has(`${p.id} ${t.id}`) ? { ...o, versus: true } : o);
           bar.increment();
         }
       } finally {
@@ -165,11 +169,28 @@ export async function main(argv: string[]): Promise<number> {
       if (fault.note) notes.push(fault.note);
       bar.increment();
     }
+    let lease: LeaseBench | undefined;
+    if (opts.lease) {
+      lease = await leaseBench({
+        url: database.url,
+        admin,
+        redis,
+        clients: opts.clients,
+        rounds: opts.quick ? 1 : 3,
+        secondsPerRound: opts.quick ? 0.3 : 1.5,
+        failoverTtlMs: opts.quick ? 1000 : 2000,
+        resignSamples: opts.quick ? 2 : 5,
+        expirySamples: opts.quick ? 1 : 3,
+        onStep: (task) => bar.update({ task }),
+      });
+      notes.push(...lease.notes);
+      bar.increment();
+    }
     bar.stop();
     const rs = ratios(results, opts.orders, overheads);
     const seconds = (Date.now() - started) / 1000;
     notes.push(`run took ${seconds.toFixed(1)} s`);
-    process.stdout.write(`${terminalReport(env, opts.orders, results, rs, fault, notes, overheads)}\n`);
+    process.stdout.write(`${terminalReport(env, opts.orders, results, rs, fault, notes, overheads, lease)}\n`);
     const stamp = env.date.replace(/[:.]/g, '-');
     const jsonPath = resolve(opts.json ?? join(here, 'results', `bench-${stamp}.json`));
     const htmlPath = resolve(opts.html ?? `${jsonPath.replace(/\.json$/, '')}.html`);
@@ -178,9 +199,9 @@ export async function main(argv: string[]): Promise<number> {
     await mkdir(dirname(htmlPath), { recursive: true });
     await writeFile(
       jsonPath,
-      JSON.stringify({ environment: env, options: shownOptions, seconds, results, overheads, ratios: rs, fault, notes }, null, 2),
+      JSON.stringify({ environment: env, options: shownOptions, seconds, results, overheads, ratios: rs, fault, lease, notes }, null, 2),
     );
-    await writeFile(htmlPath, htmlReport(env, opts.orders, results, rs, fault, notes, shownOptions));
+    await writeFile(htmlPath, htmlReport(env, opts.orders, results, rs, fault, notes, shownOptions, lease));
     process.stdout.write(`\nJSON: ${jsonPath}\nHTML: ${htmlPath}\n`);
     return 0;
   } finally {
@@ -191,7 +212,9 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
-main(process.argv.slice(2)).then(
+// `LEASE_CHILD` as the first argument: this process is the leader the lease benchmark kills (lease.ts)
+const argv = process.argv.slice(2);
+(argv[0] === LEASE_CHILD ? leaseChild(argv[1] ?? '{}') : main(argv)).then(
   (code) => {
     process.exitCode = code;
   },

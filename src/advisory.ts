@@ -1,19 +1,11 @@
 import { performance } from 'node:perf_hooks';
+import { type Conn, commitWith, inTransaction, type Row, type Runner, type Statement, type TransactionOptions } from './driver/index.js';
 import { AbortedError, DeadlockError, InvalidOptionError, LockNotAcquiredError, LockTimeoutError, sqlState } from './errors.js';
 import { publish, watched } from './events.js';
 import type { HandleOf } from './handles.js';
 import { type LockKey, type LockKeyInput, lockKeys } from './keys.js';
-import {
-  type Conn,
-  commitWith,
-  inTransaction,
-  pipelinedOnPgjs,
-  type Runner,
-  type Scope,
-  STOP,
-  type Statement,
-  type TransactionOptions,
-} from './runner.js';
+import { describe } from './text.js';
+import { type TraceContext, traced } from './trace.js';
 
 /** Exclusive (one holder) or shared (many shared holders, no exclusive one). */
 export type LockMode = 'exclusive' | 'shared';
@@ -44,12 +36,12 @@ export function lockRequest(input: readonly LockKeyInput[] | LockKeyInput, optio
   if (options === null || typeof options !== 'object') throw new InvalidOptionError('options must be an object');
   const { mode = 'exclusive', timeoutMs, signal } = options;
   if (mode !== 'exclusive' && mode !== 'shared')
-    throw new InvalidOptionError(`mode must be 'exclusive' or 'shared', got ${JSON.stringify(mode)}`);
+    throw new InvalidOptionError(`mode must be 'exclusive' or 'shared', got ${describe(mode)}`);
   if (
     timeoutMs !== undefined &&
     (typeof timeoutMs !== 'number' || !Number.isInteger(timeoutMs) || timeoutMs < 0 || timeoutMs > 2_147_483_647)
   ) {
-    throw new InvalidOptionError(`timeoutMs must be an integer from 0 to 2147483647 (or omitted to wait), got ${String(timeoutMs)}`);
+    throw new InvalidOptionError(`timeoutMs must be an integer from 0 to 2147483647 (or omitted to wait), got ${describe(timeoutMs)}`);
   }
   if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidOptionError('signal must be an AbortSignal');
   const keys = lockKeys(input);
@@ -117,6 +109,37 @@ export function timeoutStatements(timeoutMs: number): { before: Statement; after
   };
 }
 
+/**
+ * The wait for a pool connection is part of the wait for the lock: with `timeoutMs` it is bounded
+ * by it (a LockTimeoutError, nothing sent), and whatever it used is taken off the lock's own
+ * `lock_timeout`; the caller's signal bounds it too. A try (`timeoutMs: 0`) still waits for a
+ * connection: trying once is about the lock, not the pool.
+ */
+export function poolWait(req: LockRequest): { signal: AbortSignal | undefined; left(): LockRequest; timedOut(err: unknown): unknown } {
+  if (!req.timeoutMs) return { signal: req.signal, left: () => req, timedOut: (err) => err };
+  const started = performance.now();
+  const timer = AbortSignal.timeout(req.timeoutMs);
+  const timeoutMs = req.timeoutMs;
+  return {
+    signal: req.signal ? AbortSignal.any([req.signal, timer]) : timer,
+    left: () => ({ ...req, timeoutMs: Math.max(1, Math.round(timeoutMs - (performance.now() - started))) }),
+    timedOut: (err) =>
+      err instanceof AbortedError && timer.aborted && !req.signal?.aborted
+        ? new LockTimeoutError(req.labels.join(', '), timeoutMs, { cause: err })
+        : err,
+  };
+}
+
+/**
+ * The options of a try variant: `timeoutMs` defaults to 0 (try once), also when it is present and
+ * undefined (`{ timeoutMs: undefined, ...rest }`); anything but an object or undefined is refused,
+ * as by the waiting variants.
+ */
+export function tryOptions<O extends LockOptions>(options: O | undefined): O {
+  if (options !== undefined && (options === null || typeof options !== 'object')) throw new InvalidOptionError('options must be an object');
+  return { ...options, timeoutMs: options?.timeoutMs ?? 0 } as O;
+}
+
 /** Map a failed lock statement to pgcoord's typed errors. */
 export function lockError(err: unknown, req: LockRequest): unknown {
   const label = req.labels.join(', ');
@@ -136,39 +159,41 @@ export function outcomeOf(err: unknown): string {
 }
 
 /**
- * Take transaction-scoped advisory locks on `conn` (pg_advisory_xact_lock family). Returns false
- * when `timeoutMs: 0` and a key is taken. In pgcoord's own transaction a failure rolls the whole
- * transaction back; in a caller's transaction the attempt runs under a savepoint, so a timeout,
- * abort or miss leaves the caller's transaction usable and holding none of the keys (rolling back
- * to the savepoint also releases a lock the server granted in the same instant it raised
- * lock_timeout).
+ * Take transaction-scoped advisory locks on `conn` (pg_advisory_xact_lock family), with the
+ * caller's read (`then`) sent right behind them where the connection pipelines: it runs on the
+ * server the moment the locks are granted. Resolves the read's result, or {@link NOT_FREE} when
+ * `timeoutMs: 0` and a key is taken (a read that ran without the lock is dropped).
+ *
+ * The attempt may fail on purpose (timeout, abort, a miss): `conn.attempt` keeps a caller's
+ * transaction usable and holding none of the keys (in pgcoord's own transaction the whole
+ * transaction rolls back instead). Rolling back also releases a lock the server granted in the
+ * same instant it raised lock_timeout.
  */
-function lockInTransaction(conn: Conn, req: LockRequest): Promise<boolean> {
+function lockInTransaction(conn: Conn, req: LockRequest, then: (() => PromiseLike<unknown>) | undefined): Promise<unknown> {
   const locks = lockStatements(req, xactLockFn(req));
   const timed = req.timeoutMs !== undefined && req.timeoutMs > 0 ? timeoutStatements(req.timeoutMs) : undefined;
   const statements: Statement[] = timed ? [timed.before, ...locks, timed.after] : locks;
   const first = timed ? 1 : 0;
-  const attempt = (c: Conn) =>
-    c.send(statements, req.signal).then(
+  const step = (c: Conn) =>
+    (then ? c.sendThen(statements, then, req.signal) : c.send(statements, req.signal)).then(
       (rows) => {
-        for (let i = first; i < first + locks.length; i++) if (rows[i]?.[0]?.ok === 'false') throw notFree;
+        for (let i = first; i < first + locks.length; i++) if ((rows[i] as Row[] | undefined)?.[0]?.ok === 'false') throw notFree;
+        return then ? rows[rows.length - 1] : undefined;
       },
       (err: unknown) => {
         throw lockError(err, req);
       },
     );
-  // In a caller's transaction, an attempt that may fail on purpose runs under a savepoint.
-  const attempted = !conn.own && (req.timeoutMs !== undefined || req.signal !== undefined) ? conn.savepoint(attempt) : attempt(conn);
-  return attempted.then(yes, (err: unknown) => {
-    if (err === notFree) return false;
+  const mayFail = req.timeoutMs !== undefined || req.signal !== undefined;
+  return (mayFail ? conn.attempt(step, req.signal) : step(conn)).then(undefined, (err: unknown) => {
+    if (err === notFree) return NOT_FREE;
     throw err;
   });
 }
 
-const yes = () => true;
-
-// Thrown inside the savepoint so a partial multi-key try is rolled back; never escapes.
+// Thrown inside the attempt so a partial multi-key try is rolled back; never escapes.
 const notFree = new Error('pgcoord: lock not free');
+const NOT_FREE: unique symbol = Symbol('pgcoord.notFree');
 
 type Acquired<T> = { acquired: true; value: T } | { acquired: false };
 
@@ -184,9 +209,22 @@ type Acquired<T> = { acquired: true; value: T } | { acquired: false };
  * Elsewhere (pg, drizzle builders, a caller's transaction) the same plan runs one statement at a time.
  */
 export interface LockPlan<H, R> {
-  read: (tx: H) => PromiseLike<R>;
+  read: (tx: H) => PromiseLike<R> | R;
   write: (tx: H, read: R) => PlanWrites | Promise<PlanWrites>;
 }
+
+/**
+ * What a lock callback gets besides the transaction handle. `signal` aborts (with a
+ * ConnectionLostError) the moment pgcoord sees the transaction's connection die, and with it the
+ * lock: stop work that is no longer protected (a payment call, a long loop). It never aborts in a
+ * caller's transaction, whose connection is the caller's to watch.
+ */
+export interface HeldLock {
+  readonly signal: AbortSignal;
+}
+
+/** The callback of {@link withLock} and {@link tryWithLock}. */
+export type LockCallback<H, T> = (tx: H, lock: HeldLock) => Promise<T> | T;
 
 /** The writes a {@link LockPlan} returns: unawaited queries in an array, or nothing. */
 export type PlanWrites = readonly PromiseLike<unknown>[] | undefined;
@@ -206,42 +244,8 @@ function isPlan(x: unknown): x is LockPlan<unknown, unknown> {
   );
 }
 
-async function runPlan<H, R>(scope: Scope<H>, plan: LockPlan<H, R>, locked: Promise<boolean>): Promise<Acquired<LockPlanResult<R>>> {
-  // Queue the read behind the lock only where that order is guaranteed; otherwise wait for it.
-  const read1 = plan.read as (tx: H) => Promise<R>; // a thenable is adopted by call()
-  const early = scope.conn.pipelines ? scope.call(read1) : undefined;
-  early?.then(undefined, noop); // when the lock fails, the read fails too: the lock's error wins
-  if (!(await locked)) return { acquired: false };
-  const read = await (early ?? scope.call(read1));
-  return scope.call(async (tx) => ({ acquired: true, value: { read, written: await commitWith(scope.conn, await plan.write(tx, read)) } }));
-}
-
-const noop = () => {};
-
-// On a plain postgres.js pool, untimed (or a try) and unwatched: the runner's pipelined hot path,
-// with the same statements and outcomes as the general path below.
-function onPgjs<H>(
-  runner: Runner,
-  req: LockRequest,
-  fn: ((tx: H) => unknown) | LockPlan<H, unknown>,
-  options: LockOptions | undefined,
-): Promise<Acquired<unknown>> | undefined {
-  const plan = typeof fn === 'function' ? undefined : fn;
-  return pipelinedOnPgjs<H>(runner, options ?? {}, {
-    first: lockStatements(req, xactLockFn(req)),
-    read: plan?.read,
-    failed: (err) => lockError(err, req),
-    decide: (rows, read, tx) => {
-      for (const r of rows) if (r[0]?.ok === 'false') return STOP; // a try that missed (a plan's read ran unlocked: dropped)
-      return plan ? plan.write(tx, read) : (fn as (tx: H) => unknown)(tx);
-    },
-    writes: plan !== undefined,
-  })?.then((r) => (r === null ? notAcquired : { acquired: true, value: plan ? { read: r.read, written: r.value } : r.value }));
-}
-
-const notAcquired = { acquired: false } as const;
-
-// Lock events are built only when somebody subscribes (see events.ts).
+// Lock events are built only when somebody subscribes (see events.ts); subscribing never changes
+// which statements are sent.
 function report(which: 'acquire' | 'release', req: LockRequest, outcome: string, asked: number, granted: number, error?: unknown) {
   const now = performance.now();
   publish(which, {
@@ -255,11 +259,15 @@ function report(which: 'acquire' | 'release', req: LockRequest, outcome: string,
   });
 }
 
+// One path for every runner and option: [BEGIN, (timeout settings), locks, (read)] as one batch,
+// then the caller's work, then [writes, COMMIT] (or COMMIT). The adapter decides how the batches
+// travel (pipelined on postgres.js) and where an attempt needs a savepoint.
 function run<R extends Runner, T>(
   runner: R,
   keys: readonly LockKeyInput[] | LockKeyInput,
-  fn: ((tx: HandleOf<R>) => Promise<T> | T) | LockPlan<HandleOf<R>, unknown>,
+  fn: LockCallback<HandleOf<R>, T> | LockPlan<HandleOf<R>, unknown>,
   options: LockOptions | undefined,
+  ctx: TraceContext | undefined,
 ): Promise<Acquired<T>> {
   let req: LockRequest;
   try {
@@ -271,49 +279,70 @@ function run<R extends Runner, T>(
   }
   const acquire = watched('acquire');
   const release = watched('release');
-  if (!acquire && !release && req.signal === undefined && !req.timeoutMs) {
-    const fast = onPgjs(runner, req, fn, options);
-    if (fast) return fast as Promise<Acquired<T>>;
-  }
-  return runInTransaction(runner, req, fn, options, acquire, release);
-}
-
-async function runInTransaction<R extends Runner, T>(
-  runner: R,
-  req: LockRequest,
-  fn: ((tx: HandleOf<R>) => Promise<T> | T) | LockPlan<HandleOf<R>, unknown>,
-  options: LockOptions | undefined,
-  acquire: boolean,
-  release: boolean,
-): Promise<Acquired<T>> {
-  const asked = acquire || release ? performance.now() : 0;
+  const asked = acquire || release || ctx ? performance.now() : 0;
   let granted = 0;
-  let outcome: Acquired<T>;
-  try {
-    outcome = await inTransaction<HandleOf<R>, Acquired<T>>(runner, options ?? {}, async (scope) => {
-      let ok: boolean;
-      const locking = lockInTransaction(scope.conn, req);
-      const planned = typeof fn === 'function' ? undefined : runPlan(scope, fn, locking);
-      planned?.catch(noop); // awaited below once the lock's outcome is published
+  const plan = typeof fn === 'function' ? undefined : fn;
+  const wait = poolWait(req);
+  const outcome = inTransaction<HandleOf<R>, Acquired<T>>(
+    runner,
+    options ?? {},
+    async (scope) => {
+      let read: unknown;
       try {
-        ok = await locking;
+        read = await lockInTransaction(
+          scope.conn,
+          wait.left(),
+          plan ? () => scope.call(plan.read as (tx: HandleOf<R>) => Promise<unknown>) : undefined,
+        );
       } catch (err) {
         if (acquire) report('acquire', req, outcomeOf(err), asked, 0, err);
         throw err;
       }
       granted = asked && performance.now();
-      if (acquire) report('acquire', req, ok ? 'acquired' : 'not-acquired', asked, granted);
-      if (!ok) return { acquired: false };
-      if (planned) return (await planned) as Acquired<T>;
-      return { acquired: true, value: await scope.call(fn as (tx: HandleOf<R>) => Promise<T> | T) };
-    });
-  } catch (err) {
-    if (granted && release) report('release', req, 'error', asked, granted, err);
-    throw err;
-  }
-  if (granted && release && outcome.acquired) report('release', req, 'released', asked, granted);
-  return outcome;
+      if (acquire) report('acquire', req, read === NOT_FREE ? 'not-acquired' : 'acquired', asked, granted);
+      if (ctx) {
+        ctx.waitMs = granted - asked;
+        ctx.outcome = read === NOT_FREE ? 'not-acquired' : 'acquired';
+      }
+      if (read === NOT_FREE) return notAcquired;
+      if (!plan) {
+        const held = {
+          get signal() {
+            return scope.conn.lost;
+          },
+        };
+        return { acquired: true, value: await scope.call((tx) => (fn as LockCallback<HandleOf<R>, T>)(tx, held)) };
+      }
+      const writes = await scope.call((tx) => plan.write(tx, read));
+      return { acquired: true, value: { read, written: await commitWith(scope.conn, writes) } as T };
+    },
+    wait.signal,
+  ).catch((err: unknown) => {
+    throw wait.timedOut(err);
+  });
+  if (ctx)
+    outcome.then(
+      () => {
+        if (granted) ctx.holdMs = performance.now() - granted;
+      },
+      () => {
+        if (granted) ctx.holdMs = performance.now() - granted;
+      },
+    );
+  if (!release) return outcome;
+  return outcome.then(
+    (r) => {
+      if (granted && r.acquired) report('release', req, 'released', asked, granted);
+      return r;
+    },
+    (err: unknown) => {
+      if (granted) report('release', req, 'error', asked, granted, err);
+      throw err;
+    },
+  );
 }
+
+const notAcquired = { acquired: false } as const;
 
 /**
  * Run `fn` in a transaction holding transaction-scoped advisory locks on `keys`: the lock, the
@@ -339,7 +368,7 @@ async function runInTransaction<R extends Runner, T>(
 export function withLock<R extends Runner, T>(
   runner: R,
   keys: readonly LockKeyInput[] | LockKeyInput,
-  fn: (tx: HandleOf<R>) => Promise<T> | T,
+  fn: LockCallback<HandleOf<R>, T>,
   options?: LockOptions,
 ): Promise<T>;
 export function withLock<R extends Runner, Read>(
@@ -351,18 +380,33 @@ export function withLock<R extends Runner, Read>(
 export function withLock<R extends Runner, T>(
   runner: R,
   keys: readonly LockKeyInput[] | LockKeyInput,
-  fn: ((tx: HandleOf<R>) => Promise<T> | T) | LockPlan<HandleOf<R>, unknown>,
+  fn: LockCallback<HandleOf<R>, T> | LockPlan<HandleOf<R>, unknown>,
   options?: LockOptions,
 ): Promise<T> {
-  return run(runner, keys, fn, options).then((result) => {
-    if (!result.acquired)
-      throw new LockNotAcquiredError(
-        lockKeys(keys)
-          .map((k) => k.label)
-          .join(', '),
-      );
-    return result.value;
-  });
+  return traced('lock', lockContext('withLock', keys), (ctx) =>
+    run(runner, keys, fn, options, ctx).then((result) => {
+      if (!result.acquired)
+        throw new LockNotAcquiredError(
+          lockKeys(keys)
+            .map((k) => k.label)
+            .join(', '),
+        );
+      return result.value;
+    }),
+  );
+}
+
+/** The trace context of a lock operation (never throws: bad keys are refused by the operation). */
+export function lockContext(operation: string, keys: readonly LockKeyInput[] | LockKeyInput): () => TraceContext {
+  return () => {
+    let labels: string[] = [];
+    try {
+      labels = lockKeys(keys).map((k) => k.label);
+    } catch {
+      // refused with a typed error by the operation itself
+    }
+    return { operation, keys: labels };
+  };
 }
 
 /**
@@ -377,7 +421,7 @@ export function withLock<R extends Runner, T>(
 export function tryWithLock<R extends Runner, T>(
   runner: R,
   keys: readonly LockKeyInput[] | LockKeyInput,
-  fn: (tx: HandleOf<R>) => Promise<T> | T,
+  fn: LockCallback<HandleOf<R>, T>,
   options?: LockOptions,
 ): Promise<Acquired<T>>;
 export function tryWithLock<R extends Runner, Read>(
@@ -389,13 +433,16 @@ export function tryWithLock<R extends Runner, Read>(
 export async function tryWithLock<R extends Runner, T>(
   runner: R,
   keys: readonly LockKeyInput[] | LockKeyInput,
-  fn: ((tx: HandleOf<R>) => Promise<T> | T) | LockPlan<HandleOf<R>, unknown>,
+  fn: LockCallback<HandleOf<R>, T> | LockPlan<HandleOf<R>, unknown>,
   options?: LockOptions,
 ): Promise<Acquired<T>> {
-  try {
-    return await run(runner, keys, fn, { timeoutMs: 0, ...options });
-  } catch (err) {
-    if (err instanceof LockTimeoutError) return { acquired: false };
-    throw err;
-  }
+  return traced('lock', lockContext('tryWithLock', keys), async (ctx) => {
+    try {
+      return await run(runner, keys, fn, tryOptions(options), ctx);
+    } catch (err) {
+      if (!(err instanceof LockTimeoutError)) throw err;
+      if (ctx) ctx.outcome = 'not-acquired';
+      return { acquired: false };
+    }
+  });
 }

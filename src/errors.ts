@@ -1,10 +1,66 @@
 /**
+ * Every code a {@link PgcoordError} can carry, stable across releases: a `switch (err.code)` over
+ * {@link PgcoordErrorCode} is checked by the compiler. (HTTP problem bodies may also say
+ * `PGCOORD_INTERNAL` for an error that is not pgcoord's.)
+ */
+export const ERROR_CODES = [
+  'PGCOORD_ABORTED',
+  'PGCOORD_CLI_FAILED',
+  'PGCOORD_CLI_USAGE',
+  'PGCOORD_COMMIT_UNKNOWN',
+  'PGCOORD_CONNECTION_LOST',
+  'PGCOORD_DEADLOCK',
+  'PGCOORD_IDEMPOTENCY_BODY_INVALID',
+  'PGCOORD_IDEMPOTENCY_BODY_TOO_LARGE',
+  'PGCOORD_IDEMPOTENCY_IN_FLIGHT',
+  'PGCOORD_IDEMPOTENCY_KEY_INVALID',
+  'PGCOORD_IDEMPOTENCY_KEY_MISSING',
+  'PGCOORD_IDEMPOTENCY_LEASE_LOST',
+  'PGCOORD_IDEMPOTENCY_MIGRATION',
+  'PGCOORD_IDEMPOTENCY_MISMATCH',
+  'PGCOORD_IDEMPOTENCY_NOT_MIGRATED',
+  'PGCOORD_IDEMPOTENCY_RESPONSE_NOT_STORABLE',
+  'PGCOORD_IDEMPOTENCY_SCOPE_INVALID',
+  'PGCOORD_IDEMPOTENCY_SCOPE_REQUIRED',
+  'PGCOORD_IDEMPOTENCY_STORED_FAILURE',
+  'PGCOORD_IDEMPOTENCY_UNSTABLE',
+  'PGCOORD_INVALID_IDENTIFIER',
+  'PGCOORD_INVALID_KEY',
+  'PGCOORD_INVALID_OPTION',
+  'PGCOORD_JOB_CLAIM_LOST',
+  'PGCOORD_LEASES_NOT_MIGRATED',
+  'PGCOORD_LEASE_LOST',
+  'PGCOORD_LEASE_MIGRATION',
+  'PGCOORD_LEASE_NOT_ACQUIRED',
+  'PGCOORD_LEASE_TIMEOUT',
+  'PGCOORD_LIMITS_NOT_MIGRATED',
+  'PGCOORD_LIMIT_MIGRATION',
+  'PGCOORD_LOCK_LOST',
+  'PGCOORD_LOCK_NOT_ACQUIRED',
+  'PGCOORD_LOCK_TIMEOUT',
+  'PGCOORD_NOT_IN_TRANSACTION',
+  'PGCOORD_QUEUE_MIGRATION',
+  'PGCOORD_QUEUE_NOT_MIGRATED',
+  'PGCOORD_RATE_LIMIT_TIMEOUT',
+  'PGCOORD_RETRY_EXHAUSTED',
+  'PGCOORD_ROW_LOCKED',
+  'PGCOORD_ROW_NOT_FOUND',
+  'PGCOORD_SINGLE_FLIGHT_TIMEOUT',
+  'PGCOORD_TRANSACTION_POOLING',
+  'PGCOORD_UNSUPPORTED_RUNNER',
+  'PGCOORD_VERSION_CONFLICT',
+] as const;
+
+/** The union of {@link ERROR_CODES}. */
+export type PgcoordErrorCode = (typeof ERROR_CODES)[number];
+
+/**
  * Every error pgcoord raises is a {@link PgcoordError} with a stable `code`; match on the code
  * (or `instanceof`), never on the message.
  */
 export class PgcoordError extends Error {
-  readonly code: string;
-  constructor(code: string, message: string, options?: { cause?: unknown }) {
+  readonly code: PgcoordErrorCode;
+  constructor(code: PgcoordErrorCode, message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = new.target.name;
     this.code = code;
@@ -109,8 +165,11 @@ export function sqlState(err: unknown): string | undefined {
   return undefined;
 }
 
-// Driver codes (postgres.js: CONNECTION_*, node: ECONNRESET...) and SQLSTATE classes 08 (connection
-// exception) and 57P01-57P03 (admin shutdown, crash shutdown, cannot connect now).
+// Driver codes (postgres.js: CONNECTION_*, node: ECONNRESET...) and the SQLSTATEs a server sends
+// as it ends the session: class 08 (connection exception), 57P01-57P03 and 57P05 (admin shutdown,
+// crash shutdown, cannot connect now, idle session timeout) and 25P03 (idle in transaction
+// session timeout). Only errors of pgcoord's own statements are judged by this: an error thrown
+// by a caller's callback (a payment gateway's ECONNREFUSED) says nothing about the connection.
 const lostCodes = new Set([
   'CONNECTION_CLOSED',
   'CONNECTION_ENDED',
@@ -127,7 +186,8 @@ export function isConnectionLost(err: unknown): boolean {
   for (let e = err, depth = 0; e && typeof e === 'object' && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
     if (e instanceof ConnectionLostError) return true;
     const code = (e as { code?: unknown }).code;
-    if (typeof code === 'string' && (lostCodes.has(code) || code.startsWith('08') || /^57P0[123]$/.test(code))) return true;
+    if (typeof code === 'string' && (lostCodes.has(code) || code.startsWith('08') || /^57P0[1235]$/.test(code) || code === '25P03'))
+      return true;
     const message = (e as { message?: unknown }).message;
     if (typeof message === 'string' && /Connection terminated|Client was closed|not queryable/i.test(message)) return true;
   }
@@ -152,7 +212,7 @@ export class CommitUnknownError extends PgcoordError {
 export function isConnectFailure(err: unknown): boolean {
   for (let e = err, depth = 0; e && typeof e === 'object' && depth < 8; e = (e as { cause?: unknown }).cause, depth++) {
     const code = (e as { code?: unknown }).code;
-    if (code === 'ECONNREFUSED' || code === 'CONNECT_TIMEOUT' || code === 'ENOTFOUND' || code === '57P03') return true;
+    if (code === 'ECONNREFUSED' || code === 'CONNECT_TIMEOUT' || code === 'ENOTFOUND' || code === '57P03' || code === '53300') return true;
   }
   return false;
 }

@@ -1,11 +1,27 @@
+import { type Row, type Runner, runStatement } from './driver/index.js';
 import { AbortedError, InvalidOptionError } from './errors.js';
-import { type Row, type Runner, runStatement, type TransactionOptions } from './runner.js';
 import {
+  checkUpdateIdempotency,
+  type IdempotentUpdateResult,
+  KEYED,
+  type KeyedCheck,
+  keyedParams,
+  keyedResult,
+  keyedText,
+  keyedValues,
+  runKeyed,
+  type UpdateIdempotency,
+} from './idempotency/one-statement.js';
+import {
+  checkRunOptions,
+  checkSqlText,
+  checkValue,
   compileInsert,
   compileTarget,
   type InsertWithUpdate,
   isBlank,
   quoteIdent,
+  type RunOptions,
   ShapeCache,
   type SqlTarget,
   targetLabel,
@@ -13,6 +29,7 @@ import {
   walkInsert,
   walkTarget,
 } from './sql-target.js';
+import { traced } from './trace.js';
 
 /**
  * A guarded update: `set` is applied to the row with this `key` only if `guard` holds for it.
@@ -37,10 +54,20 @@ export interface GuardedUpdate {
 /** What happened, told apart in the same statement. */
 export type GuardedResult<R = Row> = { status: 'applied'; row: R } | { status: 'guard-failed' } | { status: 'not-found' };
 
-/** Options: transaction options (used when pgcoord opens the transaction) and an AbortSignal. */
-export interface GuardedUpdateOptions extends TransactionOptions {
+/**
+ * Options: transaction options (used when pgcoord opens the transaction) and an AbortSignal. All
+ * are checked before any statement is sent ({@link InvalidOptionError}).
+ */
+export interface GuardedUpdateOptions extends RunOptions {
   /** Abort to cancel the statement on the server (e.g. while it waits for the row); rejects with {@link AbortedError}. */
   signal?: AbortSignal;
+  /**
+   * An idempotency key: the claim of the key, the update, the `insert` and the stored outcome go
+   * in the same statement (one round trip; a replay is one round trip too, and writes nothing).
+   * The outcome (applied, guard-failed, not-found) is stored in the idempotency table like
+   * `idempotent`'s results; the same key with another `request` is {@link IdempotencyMismatchError}.
+   */
+  idempotency?: UpdateIdempotency;
 }
 
 /**
@@ -51,8 +78,18 @@ export interface GuardedUpdateOptions extends TransactionOptions {
  * applies. Given a pool it runs in autocommit (one round trip, no transaction to open); given a
  * transaction it joins it.
  *
+ * Every value (`params`, `key`, a `set` object, `insert.values`) goes in as a parameter; `undefined`
+ * is refused (pass `null` for SQL NULL). Input and options are checked before any statement is
+ * sent; a signal already aborted rejects with {@link AbortedError} and sends nothing.
+ *
+ * With `idempotency: { scope, key, request? }` the key's claim and the stored outcome go in the same
+ * statement (idempotency/one-statement.ts): it resolves `{ status, replayed }`, a replay answered
+ * from the outcome stored by the first call (one round trip, nothing written).
+ *
  * @throws {@link CommitUnknownError} when the connection is lost while the statement runs in
- * autocommit (it may have committed), {@link AbortedError}, {@link InvalidOptionError}.
+ * autocommit (it may have committed), {@link AbortedError}, {@link InvalidOptionError},
+ * {@link InvalidIdentifierError}; with a key, the idempotency errors of `idempotent`
+ * (IdempotencyMismatchError, IdempotencyInFlightError, IdempotencyScopeRequiredError, ...).
  *
  * @example
  * const r = await guardedUpdate(sql, {
@@ -64,8 +101,31 @@ export interface GuardedUpdateOptions extends TransactionOptions {
 export function guardedUpdate<R extends Record<string, unknown> = Row>(
   runner: Runner,
   update: GuardedUpdate,
+  options: GuardedUpdateOptions & { idempotency: UpdateIdempotency },
+): Promise<IdempotentUpdateResult<R>>;
+export function guardedUpdate<R extends Record<string, unknown> = Row>(
+  runner: Runner,
+  update: GuardedUpdate,
+  options?: GuardedUpdateOptions & { idempotency?: undefined },
+): Promise<GuardedResult<R>>;
+export function guardedUpdate<R extends Record<string, unknown> = Row>(
+  runner: Runner,
+  update: GuardedUpdate,
   options: GuardedUpdateOptions = {},
-): Promise<GuardedResult<R>> {
+): Promise<GuardedResult<R> | IdempotentUpdateResult<R>> {
+  return traced(
+    'write',
+    () => ({ operation: 'guardedUpdate' }),
+    () => guarded<R>(runner, update, options),
+  );
+}
+
+function guarded<R extends Record<string, unknown>>(
+  runner: Runner,
+  update: GuardedUpdate,
+  options: GuardedUpdateOptions = {},
+): Promise<GuardedResult<R> | IdempotentUpdateResult<R>> {
+  if (options?.idempotency !== undefined) return keyed<R>(runner, update, options);
   let statement: { text: string; params: unknown[] };
   try {
     statement = compile(update, options);
@@ -73,13 +133,31 @@ export function guardedUpdate<R extends Record<string, unknown> = Row>(
     return Promise.reject(err);
   }
   const { signal } = options;
-  const pending = runStatement(runner, statement, options);
-  if (!signal) return pending.then(outcome as (rows: Row[]) => GuardedResult<R>);
-  return pending.then(outcome as (rows: Row[]) => GuardedResult<R>, (err: unknown) => {
-    if (signal.aborted)
-      throw new AbortedError(`guarded update of ${targetLabel({ table: update.table, key: update.key })} was aborted`, { cause: err });
-    throw err;
+  if (!signal) return runStatement(runner, statement, options).then(outcome as (rows: Row[]) => GuardedResult<R>);
+  const aborted = (cause: unknown) =>
+    new AbortedError(`guarded update of ${targetLabel({ table: update.table, key: update.key })} was aborted`, { cause });
+  if (signal.aborted) return Promise.reject(aborted(signal.reason));
+  return runStatement(runner, statement, options).then(outcome as (rows: Row[]) => GuardedResult<R>, (err: unknown) => {
+    throw signal.aborted ? aborted(err) : err;
   });
+}
+
+/**
+ * With an idempotency key: one statement (see idempotency/one-statement.ts) whose first call or
+ * replay is told apart by `replayed`.
+ */
+async function keyed<R>(runner: Runner, update: GuardedUpdate, options: GuardedUpdateOptions): Promise<IdempotentUpdateResult<R>> {
+  const k = checkUpdateIdempotency(options.idempotency);
+  const statement = compile(update, options, k);
+  const { signal } = options;
+  const aborted = (cause: unknown) =>
+    new AbortedError(`guarded update of ${targetLabel({ table: update.table, key: update.key })} was aborted`, { cause });
+  if (signal?.aborted) throw aborted(signal.reason);
+  try {
+    return keyedResult<R>(await runKeyed(runner, statement, options, k));
+  } catch (err) {
+    throw signal?.aborted && !(err instanceof AbortedError) ? aborted(err) : err;
+  }
 }
 
 function outcome(rows: Row[]): GuardedResult {
@@ -100,35 +178,48 @@ const SET_TEXT = Symbol('set text');
 // The statement of an update: its values, collected while walking its shape, and the text of that
 // shape (built once; see ShapeCache). User params keep their numbers; key, set-object and insert
 // values are numbered after them, in that order.
-function compile(update: GuardedUpdate, options: GuardedUpdateOptions): { text: string; params: unknown[] } {
+function compile(update: GuardedUpdate, options: GuardedUpdateOptions, k?: KeyedCheck): { text: string; params: unknown[] } {
   if (update === null || typeof update !== 'object') throw new InvalidOptionError('update must be an object');
   const { table, key, set, guard, params = [], insert } = update;
   if (typeof guard !== 'string' || isBlank(guard)) throw new InvalidOptionError('guard must be a non-empty SQL condition');
   if (!Array.isArray(params)) throw new InvalidOptionError('params must be an array');
-  if (options === null || typeof options !== 'object') throw new InvalidOptionError('options must be an object');
-  const { signal } = options;
-  if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidOptionError('signal must be an AbortSignal');
+  for (let i = 0; i < params.length; i++) if (params[i] === undefined) checkValue(params[i], `params[${i}]`);
+  checkRunOptions(options);
   const target = { table, key, where: { text: 'true', params } };
   const values: unknown[] = [];
   let at = walkTarget(shapes, shapes.root(), target, values);
   at = shapes.step(at, guard);
   if (typeof set === 'string') at = shapes.step(shapes.step(at, SET_TEXT), set);
-  else if (set !== null && typeof set === 'object' && !Array.isArray(set)) at = walkColumns(shapes, at, set, values);
+  else if (set !== null && typeof set === 'object' && !Array.isArray(set)) at = walkColumns(shapes, at, set, values, 'set');
   if (insert !== undefined) at = walkInsert(shapes, at, insert, values);
-  return { text: shapes.get(at) ?? shapes.set(at, values, compileText(update, target)), params: values };
+  if (k !== undefined) {
+    at = shapes.step(shapes.step(at, KEYED), k.keys);
+    keyedValues(k, values);
+  }
+  return { text: shapes.get(at) ?? shapes.set(at, values, compileText(update, target, k)), params: values };
 }
 
-function compileText(update: GuardedUpdate, target: SqlTarget): { text: string; values: readonly unknown[] } {
+function compileText(update: GuardedUpdate, target: SqlTarget, k: KeyedCheck | undefined): { text: string; values: readonly unknown[] } {
   const { set, guard } = update;
   const t = compileTarget(target, { requireKey: true });
+  checkSqlText(guard, 'guard');
   let setText: string;
-  if (typeof set === 'string' && !isBlank(set)) setText = set;
-  else if (set !== null && typeof set === 'object' && !Array.isArray(set) && Object.keys(set).length > 0)
+  if (typeof set === 'string' && !isBlank(set)) {
+    checkSqlText(set, 'set');
+    setText = set;
+  } else if (set !== null && typeof set === 'object' && !Array.isArray(set) && Object.keys(set).length > 0)
     setText = Object.entries(set)
       .map(([column, value]) => `${quoteIdent(column)} = ${t.params.add(value)}`)
       .join(', ');
   else throw new InvalidOptionError('set must be a non-empty SQL fragment or an object of column → value');
-  const insert = update.insert === undefined ? '' : `, pgcoord_i as (${compileInsert(update.insert, t.params, 'pgcoord_u')})`;
+  const insertText = update.insert === undefined ? undefined : compileInsert(update.insert, t.params, 'pgcoord_u');
+  if (k !== undefined) {
+    // the same parts, with the key's claim and stored outcome (idempotency/one-statement.ts)
+    const p = keyedParams(k, t.params);
+    const text = keyedText({ table: t.table, where: t.where, guard, set: setText, insert: insertText, keys: k.keys, p });
+    return { text, values: t.params.values };
+  }
+  const insert = insertText === undefined ? '' : `, pgcoord_i as (${insertText})`;
 
   // Why one statement is enough and safe (READ COMMITTED):
   // - pgcoord_r locks the row (FOR NO KEY UPDATE, what a plain UPDATE of non-key columns takes) and

@@ -1,4 +1,14 @@
-export { type LockMode, type LockOptions, type LockPlan, type LockPlanResult, type PlanWrites, tryWithLock, withLock } from './advisory.js';
+export {
+  type HeldLock,
+  type LockCallback,
+  type LockMode,
+  type LockOptions,
+  type LockPlan,
+  type LockPlanResult,
+  type PlanWrites,
+  tryWithLock,
+  withLock,
+} from './advisory.js';
 export {
   type AdvisoryLockInfo,
   CliFailedError,
@@ -8,13 +18,16 @@ export {
   type DoctorReport,
   doctor,
   formatDoctor,
+  formatLeases,
   formatLocks,
   type GenerateOptions,
   type GenerateResult,
   generateMigration,
   isCockroachVersion,
   type KeyCandidate,
+  type LeaseInfo,
   type ListLocksOptions,
+  listLeases,
   listLocks,
   type PurgeCliOptions,
   type PurgeCliResult,
@@ -25,6 +38,7 @@ export {
   CommitUnknownError,
   ConnectionLostError,
   DeadlockError,
+  ERROR_CODES,
   InvalidKeyError,
   InvalidOptionError,
   isConnectionLost,
@@ -32,6 +46,7 @@ export {
   LockNotAcquiredError,
   LockTimeoutError,
   PgcoordError,
+  type PgcoordErrorCode,
   sqlState,
   TransactionPoolingError,
   UnsupportedRunnerError,
@@ -55,6 +70,7 @@ export {
   IdempotencyNotMigratedError,
   type IdempotencyOptions,
   IdempotencyResponseNotStorableError,
+  IdempotencyScopeInvalidError,
   IdempotencyScopeRequiredError,
   type IdempotencyState,
   type IdempotencyTable,
@@ -63,7 +79,11 @@ export {
   type IdempotentAttempt,
   type IdempotentContext,
   IdempotentFailureError,
+  type IdempotentPlan,
+  type IdempotentPlanContext,
   type IdempotentResult,
+  type IdempotentUpdateResult,
+  type IdempotentWrites,
   idempotencyExpress,
   idempotencyFastify,
   idempotencyHono,
@@ -81,8 +101,10 @@ export {
   parseIdempotencyKey,
   phaseKey,
   purgeExpired,
+  type RequestBody,
   type RequestIdentity,
   type StoredResponse,
+  type UpdateIdempotency,
 } from './idempotency/index.js';
 export {
   type AdvisoryLockRow,
@@ -94,13 +116,17 @@ export {
   lockKey,
   lockKeys,
 } from './keys.js';
+export * from './lease/index.js';
+export * from './limit/index.js';
 export {
   type DrizzleVersionedUpdate,
   type SqlVersionedUpdate,
   updateVersioned,
   type Version,
   VersionConflictError,
+  type VersionedUpdateOptions,
 } from './optimistic.js';
+export * from './queue/index.js';
 export {
   type Attempt,
   RetryExhaustedError,
@@ -129,4 +155,12 @@ export {
 } from './row-locks.js';
 export { acquireSessionLock, type SessionLock, type SessionLockOptions, tryAcquireSessionLock } from './session-lock.js';
 export { type InsertWithUpdate, InvalidIdentifierError, type SqlTarget } from './sql-target.js';
+export {
+  type LostEvent,
+  lostChannel,
+  TRACE_FAMILIES,
+  type TraceContext,
+  type TraceFamily,
+  traceChannels,
+} from './trace.js';
 export { type Isolation, type Runner, type TransactionOptions, transaction } from './transaction.js';

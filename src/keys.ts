@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
 import { InvalidKeyError } from './errors.js';
+import { describe, ownCopy, textProblem } from './text.js';
 
 /**
  * What can name an advisory lock:
@@ -18,10 +19,48 @@ const INT8_MIN = -(2n ** 63n);
 const INT8_MAX = 2n ** 63n - 1n;
 const INT4_MIN = -(2 ** 31);
 const INT4_MAX = 2 ** 31 - 1;
+const OID_MAX = 2n ** 32n - 1n;
 
-// Hashed keys are remembered (bounded) so pg_locks rows can be shown as the string that made them.
+/** The longest name, and the longest namespace, of a string lock key: 1024 UTF-16 code units (`string.length`). */
+export const KEY_MAX_LENGTH = 1024;
+
+// Hashed keys are remembered so pg_locks rows can be shown as the string that made them, within
+// a bound on entries and on characters kept (oldest forgotten first), so keys made from data
+// cannot grow it without bound.
 const names = new Map<bigint, { namespace: string | undefined; name: string }>();
-const NAMES_MAX = 10_000;
+let namesChars = 0;
+
+/** How much {@link hashKey} remembers for decoding: at most `entries` keys and `chars` characters of names and namespaces. */
+export const REMEMBERED_KEYS_MAX = { entries: 10_000, chars: 1_000_000 } as const;
+
+/** What is remembered now (see {@link REMEMBERED_KEYS_MAX}). */
+export function rememberedKeys(): { entries: number; chars: number } {
+  return { entries: names.size, chars: namesChars };
+}
+
+function remember(id: bigint, namespace: string | undefined, name: string): void {
+  const chars = name.length + (namespace?.length ?? 0);
+  while (names.size > 0 && (names.size >= REMEMBERED_KEYS_MAX.entries || namesChars + chars > REMEMBERED_KEYS_MAX.chars)) {
+    const [oldest, old] = names.entries().next().value as [bigint, { namespace: string | undefined; name: string }];
+    names.delete(oldest);
+    namesChars -= old.name.length + (old.namespace?.length ?? 0);
+  }
+  names.set(id, { namespace: namespace === undefined ? undefined : ownCopy(namespace), name: ownCopy(name) });
+  namesChars += chars;
+}
+
+// A name or namespace that can be hashed: a string of at most KEY_MAX_LENGTH code units, without
+// NUL (the separator in the hashed bytes) and well-formed (a lone surrogate is encoded as U+FFFD,
+// so 'k\uD800' and 'k\uFFFD' would be one lock).
+function keyText(value: unknown, what: string, allowEmpty: boolean): string {
+  if (typeof value !== 'string') throw new InvalidKeyError(`${what} must be a string, got ${describe(value)}`);
+  if (value.length === 0 && !allowEmpty) throw new InvalidKeyError(`${what} must be a non-empty string`);
+  if (value.length > KEY_MAX_LENGTH)
+    throw new InvalidKeyError(`${what} has ${value.length} characters, at most ${KEY_MAX_LENGTH} are allowed`);
+  const problem = textProblem(value);
+  if (problem !== undefined) throw new InvalidKeyError(`${what} ${describe(value)} ${problem}`);
+  return value;
+}
 
 /**
  * Hash a string (and optional namespace) to a signed 64-bit advisory lock key.
@@ -31,22 +70,25 @@ const NAMES_MAX = 10_000;
  * every process, Node version and platform. Two different strings collide with probability
  * 2^-64; among n keys in use the chance of any collision is about n² / 2^65 (1e-9 at n = 190 000).
  *
+ * The name must be non-empty; name and namespace must each be at most {@link KEY_MAX_LENGTH}
+ * code units, must not contain NUL (U+0000: it separates them in the hashed bytes, so
+ * `{ namespace: 'a\0b', name: 'c' }` and `{ namespace: 'a', name: 'b\0c' }` would be one lock) and
+ * must be well-formed UTF-16 (a lone surrogate is encoded as U+FFFD, so `'k\uD800'` and `'k\uFFFD'`
+ * would be one lock). Anything else throws {@link InvalidKeyError}.
+ *
  * @example
  * hashKey('order:42', 'refunds') // => a bigint, always the same
  */
 export function hashKey(name: string, namespace?: string): bigint {
-  if (typeof name !== 'string' || name.length === 0) throw new InvalidKeyError('a string lock key must be non-empty');
-  if (namespace !== undefined && typeof namespace !== 'string') throw new InvalidKeyError('a lock key namespace must be a string');
+  keyText(name, 'a string lock key', false);
+  if (namespace !== undefined) keyText(namespace, 'a lock key namespace', true);
   const digest = createHash('sha256')
     .update(namespace ?? '', 'utf8')
     .update(Buffer.from([0]))
     .update(name, 'utf8')
     .digest();
   const id = digest.readBigInt64BE(0);
-  if (!names.has(id)) {
-    if (names.size >= NAMES_MAX) names.delete(names.keys().next().value as bigint);
-    names.set(id, { namespace, name });
-  }
+  if (!names.has(id)) remember(id, namespace, name);
   return id;
 }
 
@@ -57,16 +99,10 @@ function int4(x: unknown, what: string): number {
   return x;
 }
 
-function describe(x: unknown): string {
-  if (typeof x === 'bigint') return `${x}n`;
-  if (typeof x === 'string') return JSON.stringify(x);
-  if (x === null) return 'null';
-  if (Array.isArray(x)) return `an array of ${x.length}`;
-  return typeof x === 'number' ? String(x) : typeof x;
-}
-
 /**
  * Validate and normalise a lock key; throws {@link InvalidKeyError} for anything that is not one.
+ * String names and namespaces follow {@link hashKey}'s rules (non-empty, at most
+ * {@link KEY_MAX_LENGTH} code units, no NUL, well-formed UTF-16).
  *
  * @example
  * lockKey(42n); lockKey([1, 2]); lockKey('order:42'); lockKey({ namespace: 'refunds', name: 'order:42' })
@@ -93,13 +129,11 @@ export function lockKey(input: LockKeyInput): LockKey {
   }
   if (input && typeof input === 'object' && 'name' in input) {
     const { namespace, name } = input as { namespace?: unknown; name: unknown };
-    if (typeof name !== 'string' || name.length === 0) throw new InvalidKeyError('a named lock key must have a non-empty string name');
-    if (namespace !== undefined && (typeof namespace !== 'string' || namespace.length === 0)) {
-      throw new InvalidKeyError('a lock key namespace must be a non-empty string');
-    }
+    keyText(name, 'the name of a named lock key', false);
+    if (namespace !== undefined) keyText(namespace, 'a lock key namespace', false);
     return {
       space: 'int8',
-      id: hashKey(name, namespace as string | undefined),
+      id: hashKey(name as string, namespace as string | undefined),
       label: namespace ? `${JSON.stringify(namespace)}:${JSON.stringify(name)}` : JSON.stringify(name),
     };
   }
@@ -134,11 +168,17 @@ function compareKeys(x: LockKey, y: LockKey): number {
   return 0;
 }
 
-/** An advisory lock as `pg_locks` shows it (`locktype = 'advisory'`). */
+/** An advisory lock as `pg_locks` shows it (`locktype = 'advisory'`): oids as numbers or digit strings. */
 export interface AdvisoryLockRow {
-  classid: number | string;
-  objid: number | string;
-  objsubid: number | string;
+  classid: number | string | bigint;
+  objid: number | string | bigint;
+  objsubid: number | string | bigint;
+}
+
+/** A string a lock key may have been made from: a name, and the namespace when there was one. */
+export interface KeyCandidate {
+  namespace?: string;
+  name: string;
 }
 
 /** A `pg_locks` advisory row decoded back to its key (and to the string, when this process hashed it). */
@@ -147,18 +187,65 @@ export type DecodedKey =
   | { space: 'pair'; a: number; b: number };
 
 /**
+ * Hash each candidate once: key → the candidate that makes it (the last one, when several do).
+ * Throws {@link InvalidKeyError} when `candidates` is not an iterable of `{ namespace?, name }`
+ * or one of them is not a valid key (see {@link hashKey}).
+ *
+ * @example
+ * candidateKeys([{ namespace: 'refunds', name: 'order:42' }]).get(hashKey('order:42', 'refunds')) // { namespace: 'refunds', name: 'order:42' }
+ */
+export function candidateKeys(candidates: Iterable<KeyCandidate>): Map<bigint, KeyCandidate> {
+  if (candidates === null || typeof candidates !== 'object' || typeof (candidates as Iterable<unknown>)[Symbol.iterator] !== 'function')
+    throw new InvalidKeyError(`key candidates must be an iterable of { namespace?, name }, got ${describe(candidates)}`);
+  const byKey = new Map<bigint, KeyCandidate>();
+  for (const c of candidates as Iterable<unknown>) {
+    if (c === null || typeof c !== 'object') throw new InvalidKeyError(`a key candidate must be { namespace?, name }, got ${describe(c)}`);
+    const { namespace, name } = c as { namespace?: unknown; name?: unknown };
+    byKey.set(hashKey(name as string, namespace as string | undefined), {
+      namespace: namespace as string | undefined,
+      name: name as string,
+    });
+  }
+  return byKey;
+}
+
+// An oid column of pg_locks (classid, objid): an integer from 0 to 2^32 - 1.
+function oid(value: unknown, what: string): bigint {
+  const n =
+    typeof value === 'bigint'
+      ? value
+      : typeof value === 'number' && Number.isInteger(value)
+        ? BigInt(value)
+        : typeof value === 'string' && /^\d{1,10}$/.test(value)
+          ? BigInt(value)
+          : -1n;
+  if (n < 0n || n > OID_MAX)
+    throw new InvalidKeyError(`${what} of a pg_locks row must be an oid (0 to 4294967295), got ${describe(value)}`);
+  return n;
+}
+
+/**
  * Decode a `pg_locks` advisory row to the key that made it. Postgres stores an int8 key as
  * classid = high 32 bits, objid = low 32 bits, objsubid = 1; a pair as classid = a, objid = b,
- * objsubid = 2 (both as unsigned oids).
+ * objsubid = 2 (both as unsigned oids). A string key is named when this process hashed it
+ * recently (see {@link REMEMBERED_KEYS_MAX}) or when it is among `known`.
+ *
+ * @throws {@link InvalidKeyError} for a row that is not an advisory lock row, or bad candidates.
+ *
+ * @example
+ * decodeLockRow({ classid: 0, objid: 7, objsubid: 1 }) // { space: 'int8', id: 7n }
  */
-export function decodeLockRow(row: AdvisoryLockRow, known?: Iterable<{ namespace?: string; name: string }>): DecodedKey {
-  const hi = BigInt(row.classid);
-  const lo = BigInt(row.objid);
-  if (Number(row.objsubid) === 2) return { space: 'pair', a: Number(BigInt.asIntN(32, hi)), b: Number(BigInt.asIntN(32, lo)) };
+export function decodeLockRow(row: AdvisoryLockRow, known?: Iterable<KeyCandidate>): DecodedKey {
+  if (row === null || typeof row !== 'object') throw new InvalidKeyError(`not a pg_locks advisory row: ${describe(row)}`);
+  const hi = oid(row.classid, 'classid');
+  const lo = oid(row.objid, 'objid');
+  const sub = row.objsubid;
+  const kind = typeof sub === 'number' || typeof sub === 'bigint' || typeof sub === 'string' ? String(sub) : '';
+  if (kind !== '1' && kind !== '2')
+    throw new InvalidKeyError(`objsubid of an advisory pg_locks row is 1 (int8 key) or 2 (pair), got ${describe(sub)}`);
+  const candidates = known === undefined ? undefined : candidateKeys(known);
+  if (kind === '2') return { space: 'pair', a: Number(BigInt.asIntN(32, hi)), b: Number(BigInt.asIntN(32, lo)) };
   const id = BigInt.asIntN(64, (hi << 32n) | lo);
-  let named = names.get(id);
-  if (!named && known) {
-    for (const k of known) if (hashKey(k.name, k.namespace) === id) named = { namespace: k.namespace, name: k.name };
-  }
+  const named = names.get(id) ?? candidates?.get(id);
   return named ? { space: 'int8', id, namespace: named.namespace, name: named.name } : { space: 'int8', id };
 }

@@ -1,9 +1,12 @@
 import { performance } from 'node:perf_hooks';
+import { type Isolation, inTransaction, isTransaction, type Runner, type TransactionOptions } from './driver/index.js';
 import { AbortedError, InvalidOptionError, LockNotAcquiredError, LockTimeoutError, PgcoordError, sqlState } from './errors.js';
 import type { HandleOf } from './handles.js';
 import { VersionConflictError } from './optimistic.js';
 import { RowLockedError } from './row-locks.js';
-import { type Isolation, inTransaction, type Runner, runnerKind, type TransactionOptions } from './runner.js';
+import { checkRunOptions } from './sql-target.js';
+import { describe } from './text.js';
+import { type TraceContext, traced } from './trace.js';
 
 /**
  * Why a failure may be retried: another writer moved the version, Postgres aborted a serializable
@@ -29,9 +32,12 @@ export interface RetryOptions {
   attempts?: number;
   /** Stop retrying once this many ms have passed since the first try (a running attempt is not interrupted). */
   deadlineMs?: number;
-  /** Backoff before retry n is random in [0, min(maxMs, baseMs * 2^(n-1))] ("full jitter"). Default 10. */
+  /**
+   * Backoff before retry n is random in [0, min(maxMs, baseMs * 2^(n-1))] ("full jitter"). Default 10.
+   * At most 2147483647 (Node's longest timer), as `maxMs`.
+   */
   baseMs?: number;
-  /** Default 1000. */
+  /** Default 1000; at most 2147483647. */
   maxMs?: number;
   /** Abort to stop: the pending backoff ends at once and the retry rejects with {@link AbortedError}. */
   signal?: AbortSignal;
@@ -88,18 +94,28 @@ interface Checked {
 
 function nonNegative(name: string, value: unknown): void {
   if (typeof value !== 'number' || !Number.isFinite(value) || value < 0)
-    throw new InvalidOptionError(`${name} must be a finite number >= 0, got ${String(value)}`);
+    throw new InvalidOptionError(`${name} must be a finite number >= 0, got ${describe(value)}`);
+}
+
+// Node's timers take at most 2^31 - 1 ms; a longer delay fires at once (with a warning).
+const TIMER_MAX = 2_147_483_647;
+
+function delayBound(name: string, value: unknown): void {
+  nonNegative(name, value);
+  if ((value as number) > TIMER_MAX)
+    throw new InvalidOptionError(`${name} must be at most ${TIMER_MAX} (Node's longest timer), got ${value}`);
 }
 
 function check(options: RetryOptions): Checked {
-  if (options === null || typeof options !== 'object') throw new InvalidOptionError('options must be an object');
+  if (options === null || typeof options !== 'object') throw new InvalidOptionError(`options must be an object, got ${describe(options)}`);
   const { attempts = 5, deadlineMs, baseMs = 10, maxMs = 1000, signal, retryOn = DEFAULT_RETRY_ON, onRetry } = options;
   if (typeof attempts !== 'number' || !Number.isInteger(attempts) || attempts < 1)
-    throw new InvalidOptionError(`attempts must be an integer >= 1, got ${String(attempts)}`);
+    throw new InvalidOptionError(`attempts must be an integer >= 1, got ${describe(attempts)}`);
   if (deadlineMs !== undefined) nonNegative('deadlineMs', deadlineMs);
-  nonNegative('baseMs', baseMs);
-  nonNegative('maxMs', maxMs);
-  if (signal !== undefined && !(signal instanceof AbortSignal)) throw new InvalidOptionError('signal must be an AbortSignal');
+  delayBound('baseMs', baseMs);
+  delayBound('maxMs', maxMs);
+  if (signal !== undefined && !(signal instanceof AbortSignal))
+    throw new InvalidOptionError(`signal must be an AbortSignal, got ${describe(signal)}`);
   if (retryOn !== DEFAULT_RETRY_ON && !(Array.isArray(retryOn) && retryOn.every((r) => reasons.includes(r))))
     throw new InvalidOptionError(`retryOn must list reasons among ${reasons.map((r) => `'${r}'`).join(', ')}`);
   if (onRetry !== undefined && typeof onRetry !== 'function') throw new InvalidOptionError('onRetry must be a function');
@@ -141,23 +157,35 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
  *   return true;
  * }, { attempts: 10, deadlineMs: 2000 });
  */
-export async function retry<T>(fn: (attempt: Attempt) => Promise<T> | T, options: RetryOptions = {}): Promise<T> {
-  if (typeof fn !== 'function') throw new InvalidOptionError('the callback must be a function');
-  const o = check(options);
+export function retry<T>(fn: (attempt: Attempt) => Promise<T> | T, options: RetryOptions = {}): Promise<T> {
+  return traced(
+    'retry',
+    () => ({ operation: 'retry' }),
+    async (ctx) => {
+      if (typeof fn !== 'function') throw new InvalidOptionError('the callback must be a function');
+      return loop(fn, check(options), ctx);
+    },
+  );
+}
+
+async function loop<T>(fn: (attempt: Attempt) => Promise<T> | T, o: Checked, ctx: TraceContext | undefined): Promise<T> {
   const started = performance.now();
   let last: unknown;
   for (let attempt = 1; ; attempt++) {
     if (o.signal?.aborted) throw new AbortedError('retry aborted', { cause: last ?? o.signal.reason });
+    if (ctx) ctx.attempts = attempt;
     try {
       return await fn({ attempt, signal: o.signal });
     } catch (err) {
       const reason = retryReason(err);
       if (reason === undefined || !o.retryOn.includes(reason)) throw err;
+      if (ctx) ctx.reasons = [...(ctx.reasons ?? []), reason];
       last = err;
       if (o.signal?.aborted) throw new AbortedError('retry aborted', { cause: err });
       const elapsed = performance.now() - started;
       if (attempt >= o.attempts) throw new RetryExhaustedError(attempt, elapsed, err);
-      const delayMs = Math.random() * Math.min(o.maxMs, o.baseMs * 2 ** (attempt - 1));
+      // (the exponent is capped: 2^1024 is Infinity, and 0 * Infinity is NaN)
+      const delayMs = Math.random() * Math.min(o.maxMs, o.baseMs * 2 ** Math.min(attempt - 1, 31));
       if (o.deadlineMs !== undefined && elapsed + delayMs >= o.deadlineMs) throw new RetryExhaustedError(attempt, elapsed, err);
       o.onRetry?.({ attempt, reason, error: err, delayMs });
       try {
@@ -193,19 +221,32 @@ const rank: Record<Isolation, number> = { 'read committed': 1, 'repeatable read'
  *   return true;
  * }, { attempts: 20 });
  */
-export async function transactionWithRetry<R extends Runner, T>(
+export function transactionWithRetry<R extends Runner, T>(
   runner: R,
   fn: (tx: HandleOf<R>, attempt: Attempt) => Promise<T> | T,
   options: TransactionRetryOptions = {},
 ): Promise<T> {
+  return traced(
+    'retry',
+    () => ({ operation: 'transactionWithRetry' }),
+    (ctx) => retried(runner, fn, options, ctx),
+  );
+}
+
+async function retried<R extends Runner, T>(
+  runner: R,
+  fn: (tx: HandleOf<R>, attempt: Attempt) => Promise<T> | T,
+  options: TransactionRetryOptions,
+  ctx: TraceContext | undefined,
+): Promise<T> {
   if (typeof fn !== 'function') throw new InvalidOptionError('the callback must be a function');
-  const { isolation, readOnly, ...retryOptions } = options ?? {};
+  checkRunOptions(options); // null, isolation, readOnly, signal: before any statement is sent
+  const { isolation, readOnly, ...retryOptions } = options;
   check(retryOptions);
-  const kind = runnerKind(runner);
-  if (kind === 'pgjs-tx' || kind === 'pg-in-tx') {
+  if (isTransaction(runner)) {
+    if (retryOptions.signal?.aborted) throw new AbortedError('retry aborted', { cause: retryOptions.signal.reason });
     return inTransaction<HandleOf<R>, T>(runner, {}, async (scope) => {
       if (isolation !== undefined) {
-        if (!(isolation in rank)) throw new InvalidOptionError(`isolation must be 'read committed', 'repeatable read' or 'serializable'`);
         const [rows] = await scope.conn.send([{ text: "select current_setting('transaction_isolation') as iso" }]);
         const current = String(rows?.[0]?.iso) as Isolation;
         if ((rank[current] ?? 0) < rank[isolation])
@@ -215,12 +256,13 @@ export async function transactionWithRetry<R extends Runner, T>(
     });
   }
   const txOptions: TransactionOptions = { isolation: isolation ?? 'serializable', readOnly };
-  return retry(
+  return loop(
     (attempt) =>
       inTransaction<HandleOf<R>, T>(runner, txOptions, async (scope) => {
         await scope.conn.send([]); // BEGIN (with the isolation level) before fn runs
         return scope.call((tx) => fn(tx, attempt));
       }),
-    retryOptions,
+    check(retryOptions),
+    ctx,
   );
 }

@@ -1,23 +1,23 @@
+import { performance } from 'node:perf_hooks';
 import { getTableName, is, type SQL, sql } from 'drizzle-orm';
 import { type PgColumn, PgTable } from 'drizzle-orm/pg-core';
 import { type PlanWrites, timeoutStatements } from './advisory.js';
-import { withCancel } from './cancel.js';
-import { AbortedError, DeadlockError, InvalidOptionError, LockTimeoutError, PgcoordError, sqlState } from './errors.js';
-import type { HandleOf } from './handles.js';
 import {
-  type Conn,
   commitWith,
   inTransaction,
-  type PipelinedResult,
-  pipelinedOnPgjs,
+  isTransaction,
   type Row,
   type Runner,
-  runnerKind,
   type Scope,
   type Statement,
   type TransactionOptions,
-} from './runner.js';
+  withCancel,
+} from './driver/index.js';
+import { AbortedError, DeadlockError, InvalidOptionError, LockTimeoutError, PgcoordError, sqlState } from './errors.js';
+import type { HandleOf } from './handles.js';
 import { compileTarget, InvalidIdentifierError, quoteIdent, type SqlTarget } from './sql-target.js';
+import { describe } from './text.js';
+import { traced } from './trace.js';
 
 /** Row lock strength, strongest first (`FOR UPDATE` ... `FOR KEY SHARE`). */
 export type LockStrength = 'update' | 'no key update' | 'share' | 'key share';
@@ -111,11 +111,11 @@ function request(options: RowLockOptions | undefined): Request {
   const { strength = 'update', signal } = options;
   let { wait = 'block', timeoutMs } = options;
   if (!strengths.includes(strength))
-    throw new InvalidOptionError(`strength must be one of ${strengths.map((s) => `'${s}'`).join(', ')}, got ${JSON.stringify(strength)}`);
-  if (!waits.includes(wait)) throw new InvalidOptionError(`wait must be 'block', 'nowait' or 'skipLocked', got ${JSON.stringify(wait)}`);
+    throw new InvalidOptionError(`strength must be one of ${strengths.map((s) => `'${s}'`).join(', ')}, got ${describe(strength)}`);
+  if (!waits.includes(wait)) throw new InvalidOptionError(`wait must be 'block', 'nowait' or 'skipLocked', got ${describe(wait)}`);
   if (timeoutMs !== undefined) {
     if (typeof timeoutMs !== 'number' || !Number.isInteger(timeoutMs) || timeoutMs < 0 || timeoutMs > 2_147_483_647)
-      throw new InvalidOptionError(`timeoutMs must be an integer from 0 to 2147483647, got ${String(timeoutMs)}`);
+      throw new InvalidOptionError(`timeoutMs must be an integer from 0 to 2147483647, got ${describe(timeoutMs)}`);
     if (wait !== 'block') throw new InvalidOptionError(`timeoutMs only applies to wait: 'block', not '${wait}'`);
     if (timeoutMs === 0) {
       wait = 'nowait';
@@ -129,7 +129,12 @@ function request(options: RowLockOptions | undefined): Request {
 type AnyTarget = SqlRowTarget | DrizzleRowTarget<PgTable>;
 
 function isDrizzleTarget(target: AnyTarget): target is DrizzleRowTarget<PgTable> {
-  return target !== null && typeof target === 'object' && is(target.table, PgTable);
+  if (target === null || typeof target !== 'object') return false;
+  try {
+    return is(target.table, PgTable);
+  } catch {
+    return false; // drizzle's is() throws on some objects (a null prototype): not a table
+  }
 }
 
 function checkTarget(runner: Runner, target: AnyTarget): string {
@@ -149,8 +154,9 @@ function orderByText(orderBy: SqlRowTarget['orderBy']): string {
   if (orderBy === undefined) return '';
   const list = typeof orderBy === 'string' ? [orderBy] : orderBy;
   if (!Array.isArray(list) || list.length === 0) throw new InvalidOptionError('orderBy must be a column or a non-empty list of columns');
-  const parts = list.map((item: unknown) => {
-    const m = typeof item === 'string' ? orderPattern.exec(item) : null;
+  // Array.from visits the holes of a sparse array (map skips them: `order by , "id"`)
+  const parts = Array.from(list, (item: unknown) => {
+    const m = typeof item === 'string' && item.length <= 200 ? orderPattern.exec(item) : null;
     if (!m) throw new InvalidIdentifierError(item);
     return `${quoteIdent(m[1])}${m[2] ? ` ${m[2].toLowerCase()}` : ''}`;
   });
@@ -207,55 +213,28 @@ function lockError(err: unknown, req: Request, label: string): unknown {
 }
 
 /**
- * Lock the target's rows in the current transaction of `scope`. In a caller's transaction a wait
- * that can fail on purpose (nowait, timeout, signal) runs under a savepoint, so the failure leaves
- * the caller's transaction usable (and postgres.js's `sql.begin` does not rethrow it at the end).
- * lock_timeout is transaction-local and restored right after the lock statement.
+ * Lock the target's rows in the current transaction of `scope`. A wait that can fail on purpose
+ * (nowait, timeout, signal) is an attempt, so in a caller's transaction the failure leaves it
+ * usable. lock_timeout is transaction-local and restored right after the lock statement.
  */
 async function lockIn<H>(scope: Scope<H>, target: AnyTarget, req: Request, label: string, limit?: number): Promise<Row[]> {
-  const { conn } = scope;
-  if (req.signal?.aborted) throw new AbortedError(`waiting for row lock on ${label} was aborted`, { cause: req.signal.reason });
   const timed = req.timeoutMs !== undefined ? timeoutStatements(req.timeoutMs) : undefined;
-  const guarded = !conn.own && (req.wait === 'nowait' || timed !== undefined || req.signal !== undefined);
-  try {
+  const mayFail = req.wait === 'nowait' || timed !== undefined || req.signal !== undefined;
+  const step = async (s: Scope<H>): Promise<Row[]> => {
     if (!isDrizzleTarget(target)) {
       const statements = [...(timed ? [timed.before] : []), rawStatement(target, req, limit), ...(timed ? [timed.after] : [])];
-      const run = async (c: Conn) => (await c.send(statements, req.signal))[timed ? 1 : 0] ?? [];
-      return guarded ? await conn.savepoint(run) : await run(conn);
+      return ((await s.conn.send(statements, req.signal))[timed ? 1 : 0] ?? []) as Row[];
     }
-    if (!guarded) {
-      await conn.send(timed ? [timed.before] : [], req.signal); // also BEGIN of pgcoord's own transaction, before drizzle runs
-      const rows = await scope.call((tx) => withCancel(tx, req.signal, (t) => drizzleQuery(t, target, req, limit)));
-      if (timed) await conn.send([timed.after]);
-      return rows;
-    }
-    // A drizzle query in a caller's transaction runs through the caller's handle, so the savepoint
-    // must be drizzle's own (a nested transaction): on postgres.js it is `sql.savepoint()`.
-    return await scope.call((tx) =>
-      // biome-ignore lint/suspicious/noExplicitAny: a drizzle tx, checked in checkTarget
-      (tx as any).transaction(async (nested: unknown) => {
-        const exec = (s: Statement) => (nested as DrizzleExec).execute(sql.raw(inline(s)));
-        if (timed) await exec(timed.before);
-        const rows = await withCancel(nested, req.signal, (t) => drizzleQuery(t, target, req, limit));
-        if (timed) await exec(timed.after);
-        return rows;
-      }),
-    );
+    await s.conn.send(timed ? [timed.before] : [], req.signal); // also BEGIN of pgcoord's own transaction, before drizzle runs
+    const rows = await s.call((tx) => withCancel(tx, req.signal, (t) => drizzleQuery(t, target, req, limit)));
+    if (timed) await s.conn.send([timed.after]);
+    return rows;
+  };
+  try {
+    return await (mayFail ? scope.attempt(step, req.signal) : step(scope));
   } catch (err) {
-    throw lockError(err, req, label);
+    throw err instanceof AbortedError ? err : lockError(err, req, label);
   }
-}
-
-interface DrizzleExec {
-  execute(query: SQL): Promise<unknown>;
-}
-
-// timeoutStatements' only parameter is the validated integer timeout ("123ms"): safe to inline.
-function inline(s: Statement): string {
-  const value = s.params?.[0];
-  if (value === undefined) return s.text;
-  if (typeof value !== 'string' || !/^\d+ms$/.test(value)) throw new Error('pgcoord: unexpected timeout parameter');
-  return s.text.replace('$1', `'${value}'`);
 }
 
 async function lockOne<H>(scope: Scope<H>, target: AnyTarget, req: Request, label: string): Promise<Row> {
@@ -303,12 +282,17 @@ export function lockRows<Row extends Record<string, unknown> = Record<string, un
   target: SqlRowTarget,
   options?: Omit<RowLockOptions, keyof TransactionOptions>,
 ): Promise<Row[]>;
-export async function lockRows(tx: Runner, target: AnyTarget, options?: RowLockOptions): Promise<Row[]> {
-  const req = request(options);
-  const kind = runnerKind(tx);
-  if (kind !== 'pgjs-tx' && kind !== 'pg-in-tx') throw new NotInTransactionError('lockRows');
-  const label = checkTarget(tx, target);
-  return inTransaction(tx, {}, (scope) => lockIn(scope, target, req, label));
+export function lockRows(tx: Runner, target: AnyTarget, options?: RowLockOptions): Promise<Row[]> {
+  return traced(
+    'row',
+    () => ({ operation: 'lockRows' }),
+    async () => {
+      const req = request(options);
+      if (!isTransaction(tx)) throw new NotInTransactionError('lockRows');
+      const label = checkTarget(tx, target);
+      return inTransaction(tx, {}, (scope) => lockIn(scope, target, req, label));
+    },
+  );
 }
 
 /**
@@ -382,36 +366,35 @@ export function withRowLock<V>(
   let req: Request;
   let plan: RowLockPlan<Row, unknown> | undefined;
   let label: string;
-  let statement: Statement | undefined;
   try {
     req = request(options);
     plan = typeof fn === 'object' && fn !== null && typeof fn.write === 'function' ? fn : undefined;
     if (!plan) checkFn(fn);
     label = checkTarget(runner, target);
-    if (!isDrizzleTarget(target)) statement = rawStatement(target, req, 2);
+    if (!isDrizzleTarget(target)) rawStatement(target, req, 2); // checked before anything is sent
   } catch (err) {
     return Promise.reject(err);
   }
-  if (statement && req.wait !== 'skipLocked' && req.timeoutMs === undefined && req.signal === undefined) {
-    // the runner's pipelined hot path on a plain postgres.js pool: the same statements and outcomes
-    let row: Row;
-    const fast = pipelinedOnPgjs(runner, options ?? {}, {
-      first: [statement],
-      failed: (err) => lockError(err, req, label),
-      decide: (rows, _read, tx) => {
-        row = oneRow(rows[0] ?? [], label);
-        return plan ? plan.write(row, tx) : (fn as (row: Row, tx: unknown) => Promise<V> | V)(row, tx);
-      },
-      writes: plan !== undefined,
-    });
-    if (fast)
-      return fast.then((r) => (plan ? { row, written: (r as PipelinedResult).value as unknown[] } : ((r as PipelinedResult).value as V)));
-  }
-  return inTransaction(runner, options ?? {}, async (scope) => {
-    const row = await lockOne(scope, target, req, label);
-    if (plan) return scope.call(async (tx) => ({ row, written: await commitWith(scope.conn, await plan.write(row, tx)) }));
-    return scope.call((tx) => (fn as (row: Row, tx: unknown) => Promise<V> | V)(row, tx));
-  });
+  // [BEGIN, SELECT ... FOR UPDATE] as one batch, the caller's work, then [writes, COMMIT] (or COMMIT)
+  return traced(
+    'row',
+    () => ({ operation: 'withRowLock' }),
+    (ctx) => {
+      const asked = ctx ? performance.now() : 0;
+      return inTransaction(
+        runner,
+        options ?? {},
+        async (scope) => {
+          const row = await lockOne(scope, target, req, label);
+          if (ctx) ctx.waitMs = performance.now() - asked;
+          if (!plan) return scope.call((tx) => (fn as (row: Row, tx: unknown) => Promise<V> | V)(row, tx));
+          const writes = await scope.call((tx) => (plan as RowLockPlan<Row, unknown>).write(row, tx));
+          return { row, written: await commitWith(scope.conn, writes) };
+        },
+        req.signal,
+      );
+    },
+  );
 }
 
 /** Options for {@link claim}: lock strength, transaction options and an AbortSignal. */
@@ -446,7 +429,20 @@ export function claim<R extends Runner, V, Row extends Record<string, unknown> =
   fn: (rows: Row[], tx: HandleOf<R>) => Promise<V> | V,
   options?: ClaimOptions,
 ): Promise<V>;
-export async function claim<V>(
+export function claim<V>(
+  runner: Runner,
+  target: AnyTarget & { limit: number },
+  fn: (rows: Row[], tx: unknown) => Promise<V> | V,
+  options?: ClaimOptions,
+): Promise<V> {
+  return traced(
+    'row',
+    () => ({ operation: 'claim' }),
+    () => claimRows(runner, target, fn, options),
+  );
+}
+
+async function claimRows<V>(
   runner: Runner,
   target: AnyTarget & { limit: number },
   fn: (rows: Row[], tx: unknown) => Promise<V> | V,
@@ -458,14 +454,19 @@ export async function claim<V>(
   const req = request({ strength: options?.strength, signal: options?.signal, wait: 'skipLocked' });
   checkFn(fn);
   const limit = target?.limit;
-  if (typeof limit !== 'number' || !Number.isInteger(limit) || limit < 1)
-    throw new InvalidOptionError(`limit must be a positive integer, got ${String(limit)}`);
+  if (typeof limit !== 'number' || !Number.isSafeInteger(limit) || limit < 1)
+    throw new InvalidOptionError(`limit must be a positive safe integer, got ${describe(limit)}`);
   // a queue without a filter claims from the whole table
   const t: AnyTarget =
     isDrizzleTarget(target) || target.key !== undefined || target.where !== undefined ? target : { ...target, where: { text: 'true' } };
   const label = checkTarget(runner, t);
-  return inTransaction(runner, options ?? {}, async (scope) => {
-    const rows = await lockIn(scope, t, req, label, limit);
-    return scope.call((tx) => fn(rows, tx));
-  });
+  return inTransaction(
+    runner,
+    options ?? {},
+    async (scope) => {
+      const rows = await lockIn(scope, t, req, label, limit);
+      return scope.call((tx) => fn(rows, tx));
+    },
+    req.signal,
+  );
 }

@@ -1,9 +1,21 @@
 import { performance } from 'node:perf_hooks';
-import { type LockOptions, lockError, lockRequest, lockStatements, outcomeOf, timeoutStatements } from './advisory.js';
+import {
+  type LockOptions,
+  lockContext,
+  lockError,
+  lockRequest,
+  lockStatements,
+  outcomeOf,
+  poolWait,
+  timeoutStatements,
+  tryOptions,
+} from './advisory.js';
+import { type PinnedConn, pinConnection, type Runner, type Statement } from './driver/index.js';
 import { InvalidOptionError, LockLostError, LockNotAcquiredError, LockTimeoutError, TransactionPoolingError } from './errors.js';
 import { publish } from './events.js';
 import type { LockKeyInput } from './keys.js';
-import { type PinnedConn, pinConnection, type Runner, type Statement } from './runner.js';
+import { describe } from './text.js';
+import { publishLost, traced } from './trace.js';
 
 /** Options for a session lock. */
 export interface SessionLockOptions extends LockOptions {
@@ -50,9 +62,11 @@ export async function acquireSessionLock(
   keys: readonly LockKeyInput[] | LockKeyInput,
   options: SessionLockOptions = {},
 ): Promise<SessionLock> {
-  const lock = await take(pool, keys, options);
-  if (!lock) throw new LockNotAcquiredError(lockRequest(keys, options).labels.join(', '));
-  return lock;
+  return traced('session-lock', lockContext('acquireSessionLock', keys), async () => {
+    const lock = await take(pool, keys, options);
+    if (!lock) throw new LockNotAcquiredError(lockRequest(keys, options).labels.join(', '));
+    return lock;
+  });
 }
 
 /**
@@ -68,12 +82,16 @@ export async function tryAcquireSessionLock(
   keys: readonly LockKeyInput[] | LockKeyInput,
   options: SessionLockOptions = {},
 ): Promise<SessionLock | undefined> {
-  try {
-    return await take(pool, keys, { timeoutMs: 0, ...options });
-  } catch (err) {
-    if (err instanceof LockTimeoutError) return undefined;
-    throw err;
-  }
+  return traced('session-lock', lockContext('tryAcquireSessionLock', keys), async (ctx) => {
+    let lock: SessionLock | undefined;
+    try {
+      lock = await take(pool, keys, tryOptions(options));
+    } catch (err) {
+      if (!(err instanceof LockTimeoutError)) throw err;
+    }
+    if (ctx) ctx.outcome = lock ? 'acquired' : 'not-acquired';
+    return lock;
+  });
 }
 
 async function take(
@@ -81,16 +99,21 @@ async function take(
   keys: readonly LockKeyInput[] | LockKeyInput,
   options: SessionLockOptions,
 ): Promise<SessionLock | undefined> {
-  const req = lockRequest(keys, options);
+  let req = lockRequest(keys, options);
   const keepaliveMs = options.keepaliveMs ?? 5000;
-  if (typeof keepaliveMs !== 'number' || !Number.isInteger(keepaliveMs) || keepaliveMs < 0) {
-    throw new InvalidOptionError(`keepaliveMs must be a non-negative integer, got ${String(keepaliveMs)}`);
+  if (typeof keepaliveMs !== 'number' || !Number.isInteger(keepaliveMs) || keepaliveMs < 0 || keepaliveMs > 2_147_483_647) {
+    // (a longer timer fires at once in Node: the lock would be reported lost right away)
+    throw new InvalidOptionError(`keepaliveMs must be an integer from 0 to 2147483647, got ${describe(keepaliveMs)}`);
   }
   const mode = req.shared ? 'shared' : 'exclusive';
   const asked = performance.now();
   const event = (outcome: string, error?: unknown) =>
     publish('acquire', { keys: req.labels, mode, scope: 'session', outcome, waitMs: performance.now() - asked, error });
-  const pin = await pinConnection(pool);
+  const wait = poolWait(req);
+  const pin = await pinConnection(pool, wait.signal).catch((err: unknown) => {
+    throw wait.timedOut(err);
+  });
+  req = wait.left();
   const tryOnly = req.timeoutMs === 0;
   const fn = `pg${tryOnly ? '_try' : ''}_advisory_lock${req.shared ? '_shared' : ''}`;
   const locks = lockStatements(req, fn);
@@ -98,11 +121,18 @@ async function take(
   // lock_timeout setting. The pid is read inside that transaction and after it, and compared with
   // the pin's, so a transaction-mode pooler (another backend per transaction) shows itself.
   const timed = req.timeoutMs ? timeoutStatements(req.timeoutMs) : undefined;
+  //
+  // Behind such a pooler, statements after COMMIT may reach yet another backend, so an unlock sent
+  // later could miss the one holding the locks: a backend that is not the pinned one unlocks them
+  // in the same transaction that took them.
   const statements: Statement[] = [
     { text: 'begin' },
     ...(timed ? [timed.before] : []),
     ...locks,
-    { text: 'select pg_backend_pid()::int as pid' },
+    {
+      text: 'select pg_backend_pid()::int as pid, case when pg_backend_pid() <> $1::int then (select 1 from (select pg_advisory_unlock_all()) u) end as unlocked',
+      params: [pin.pid],
+    },
     { text: 'commit' },
     { text: 'select pg_backend_pid()::int as pid' },
   ];
@@ -174,6 +204,7 @@ function held(pin: PinnedConn, labels: string[], mode: 'exclusive' | 'shared', k
       holdMs: performance.now() - grantedAt,
       error: cause,
     });
+    publishLost(() => ({ kind: 'session-lock', keys: labels, reason: 'lost' }));
   };
   const onLost = () => lose(pin.lost.reason);
   pin.lost.addEventListener('abort', onLost, { once: true });
@@ -219,11 +250,21 @@ function held(pin: PinnedConn, labels: string[], mode: 'exclusive' | 'shared', k
     })();
     return released;
   };
-  return {
+  const lock: SessionLock = {
     keys: labels,
     pid: pin.pid,
     signal: controller.signal,
     release,
     [Symbol.asyncDispose]: release,
   };
+  // A handle dropped without release() (lost in a failed code path) would keep its connection and
+  // its lock until the process exits: once it is garbage, its session is ended (as DistributedLock
+  // does for abandoned handles). The registry holds only `abandon`, never the handle.
+  abandoned.register(lock, () => {
+    clearTimeout(timer);
+    if (!released && !controller.signal.aborted) pin.release(true);
+  });
+  return lock;
 }
+
+const abandoned = new FinalizationRegistry<() => void>((abandon) => abandon());

@@ -2,8 +2,9 @@
 // user WHERE fragment. Only names that pass the check below ever reach SQL text; values always
 // travel as parameters.
 
+import type { Isolation, Statement, TransactionOptions } from './driver/index.js';
 import { InvalidOptionError, PgcoordError } from './errors.js';
-import type { Statement } from './runner.js';
+import { describe, ownCopy, textProblem } from './text.js';
 
 /**
  * A table or column name that pgcoord refuses to put into SQL.
@@ -15,7 +16,7 @@ export class InvalidIdentifierError extends PgcoordError {
   constructor(readonly identifier: unknown) {
     super(
       'PGCOORD_INVALID_IDENTIFIER',
-      `invalid SQL identifier ${JSON.stringify(String(identifier))}: use letters, digits, _ and $ (not first), at most 63 characters, optionally schema-qualified for tables`,
+      `invalid SQL identifier ${describe(identifier)}: use letters, digits, _ and $ (not first), at most 63 characters, optionally schema-qualified for tables`,
     );
   }
 }
@@ -36,6 +37,7 @@ export function quoteIdent(name: unknown, qualified = false): string {
   const seen = qualified ? quotedTables : quotedColumns;
   const known = seen.get(name);
   if (known !== undefined) return known;
+  if (name.length > IDENT_MAX) throw new InvalidIdentifierError(name); // before splitting a huge string
   const parts = name.split('.');
   if (parts.length > (qualified ? 2 : 1) || !parts.every((p) => part.test(p))) throw new InvalidIdentifierError(name);
   const quoted = parts.map((p) => `"${p}"`).join('.');
@@ -45,6 +47,7 @@ export function quoteIdent(name: unknown, qualified = false): string {
 }
 
 const QUOTED_MAX = 1000;
+const IDENT_MAX = 63 + 1 + 63; // schema.table
 const quotedTables = new Map<string, string>();
 const quotedColumns = new Map<string, string>();
 
@@ -92,10 +95,13 @@ export class CompiledTarget {
   }
 }
 
-/** `orders {"id":7}`, `jobs where queue = $1`: a target named in messages. */
+/** `orders {"id":7}`, `jobs where queue = $1`: a target named in messages (at most 200 characters). */
 export function targetLabel({ table, key, where }: SqlTarget): string {
-  return `${table}${key ? ` ${safeJson(key)}` : ''}${where ? ` where ${where.text}` : ''}`;
+  const label = `${table}${key ? ` ${safeJson(key)}` : ''}${where ? ` where ${where.text}` : ''}`;
+  return label.length > LABEL_MAX ? `${label.slice(0, LABEL_MAX - 1)}…` : label;
 }
+
+const LABEL_MAX = 200;
 
 // The checks of a target's structure (its names are checked by quoteIdent when compiled).
 function checkTarget(target: SqlTarget): void {
@@ -108,9 +114,47 @@ function checkTarget(target: SqlTarget): void {
   if (where?.params !== undefined && !Array.isArray(where.params)) throw new InvalidOptionError('where.params must be an array');
 }
 
+/**
+ * Refuse `undefined` as a parameter value: postgres.js fails on it (UNDEFINED_VALUE) and
+ * node-postgres silently sends NULL. `what` names the value in the message (`params[2]`, `set column note`).
+ */
+export function checkValue(value: unknown, what: string): void {
+  if (value === undefined) throw new InvalidOptionError(`${what} is undefined: pass null for SQL NULL`);
+}
+
+/** Refuse SQL text that the server would not see as written (NUL, lone surrogates). */
+export function checkSqlText(text: string, what: string): void {
+  const problem = textProblem(text);
+  if (problem !== undefined) throw new InvalidOptionError(`${what} ${describe(text)} ${problem}`);
+}
+
+/** {@link TransactionOptions} and an AbortSignal, as the functions that run one statement take them. */
+export interface RunOptions extends TransactionOptions {
+  signal?: AbortSignal;
+}
+
+const isolations: readonly unknown[] = ['read committed', 'repeatable read', 'serializable'] satisfies Isolation[];
+
+/**
+ * Check `isolation`, `readOnly` and `signal` before any statement is sent; throws
+ * {@link InvalidOptionError} for `null`, a non-object, an unknown isolation level, a non-boolean
+ * `readOnly` or a `signal` that is not an AbortSignal.
+ */
+export function checkRunOptions<T extends RunOptions>(options: T): T {
+  if (options === null || typeof options !== 'object') throw new InvalidOptionError(`options must be an object, got ${describe(options)}`);
+  const { isolation, readOnly, signal } = options;
+  if (isolation !== undefined && !isolations.includes(isolation))
+    throw new InvalidOptionError(`isolation must be 'read committed', 'repeatable read' or 'serializable', got ${describe(isolation)}`);
+  if (readOnly !== undefined && typeof readOnly !== 'boolean')
+    throw new InvalidOptionError(`readOnly must be a boolean, got ${describe(readOnly)}`);
+  if (signal !== undefined && !(signal instanceof AbortSignal))
+    throw new InvalidOptionError(`signal must be an AbortSignal, got ${describe(signal)}`);
+  return options;
+}
+
 function keyValue(key: Record<string, unknown>, column: string): unknown {
   const value = key[column];
-  if (value === undefined) throw new InvalidOptionError(`key column ${column} is undefined`);
+  if (value === undefined) throw new InvalidOptionError(`key column ${describe(column)} is undefined`);
   return value;
 }
 
@@ -128,6 +172,10 @@ export function compileTarget(target: SqlTarget, { requireKey = false } = {}): C
   checkTarget(target);
   const table = quoteIdent(target.table, true);
   const { key, where } = target;
+  if (where) {
+    checkSqlText(where.text, 'where');
+    for (let i = 0; i < (where.params?.length ?? 0); i++) checkValue(where.params?.[i], `where.params[${i}]`);
+  }
   const params = new Params(where?.params ?? []);
   let conditions = where ? `(${where.text})` : '';
   let keys = 0;
@@ -152,30 +200,55 @@ export function compileTarget(target: SqlTarget, { requireKey = false } = {}): C
  * different shapes never share a path, whatever their strings contain. Only a text that compiled
  * is stored, so a path with an invalid name never has one: every call of an invalid shape compiles,
  * and fails, as it would without the cache.
+ *
+ * Shapes made from data must not grow it without bound: it keeps at most `maxNodes` nodes and
+ * `maxChars` characters (string parts and texts, each a copy of its own) and starts over when full.
+ * A string part longer than `maxPart` characters, or an object part, is never kept: that shape
+ * walks a detached node and is compiled on every call.
  */
 export class ShapeCache {
   #root: ShapeNode = new Map();
   #nodes = 0;
+  #chars = 0;
+  #full = false;
 
-  /** At most `max` nodes: shapes made from data must not grow it without bound (it starts over). */
-  constructor(private readonly max = 10_000) {}
+  constructor(
+    private readonly maxNodes = 10_000,
+    private readonly maxChars = 4_000_000,
+    private readonly maxPart = 2_000,
+  ) {}
+
+  /** Characters of the strings kept now (parts and texts): at most `maxChars`. */
+  get retainedChars(): number {
+    return this.#chars;
+  }
 
   /** Where every path starts. */
   root(): ShapeNode {
-    if (this.#nodes >= this.max) {
+    if (this.#full || this.#nodes >= this.maxNodes) {
       this.#root = new Map();
       this.#nodes = 0;
+      this.#chars = 0;
+      this.#full = false;
     }
     return this.#root;
   }
 
-  /** The child of `node` for `part` (created on the way). */
+  /** The child of `node` for `part` (created on the way, or detached when it would not be kept). */
   step(node: ShapeNode, part: unknown): ShapeNode {
+    if (node === DETACHED) return DETACHED;
     let next = node.get(part) as ShapeNode | undefined;
     if (next === undefined) {
+      const chars = typeof part === 'string' ? part.length : 0;
+      if (chars > this.maxPart || (typeof part === 'object' && part !== null) || typeof part === 'function') return DETACHED;
+      if (this.#nodes >= this.maxNodes || this.#chars + chars > this.maxChars) {
+        this.#full = true; // start over at the next call
+        return DETACHED;
+      }
       next = new Map();
-      node.set(part, next);
+      node.set(typeof part === 'string' ? ownCopy(part) : part, next);
       this.#nodes++;
+      this.#chars += chars;
     }
     return next;
   }
@@ -192,10 +265,16 @@ export class ShapeCache {
   set(node: ShapeNode, values: readonly unknown[], compiled: { text: string; values: readonly unknown[] }): string {
     if (compiled.values.length !== values.length || !compiled.values.every((v, i) => Object.is(v, values[i])))
       throw new Error(`pgcoord internal error: a statement's parameters came out in another order than its shape's (${compiled.text})`);
+    if (node === DETACHED) return compiled.text;
+    if (this.#chars + compiled.text.length > this.maxChars) {
+      this.#full = true;
+      return compiled.text;
+    }
     // stored flat: a text built by concatenation is a tree of pieces in V8, walked again each time
     // the driver copies it (into its statement-cache key) on every call
-    const text = JSON.parse(JSON.stringify(compiled.text)) as string;
+    const text = ownCopy(compiled.text);
     node.set(TEXT, text);
+    this.#chars += text.length;
     return text;
   }
 }
@@ -204,6 +283,10 @@ export class ShapeCache {
 export type ShapeNode = Map<unknown, unknown>;
 
 const TEXT = Symbol('pgcoord.text');
+
+// The node of every shape the cache does not keep: stepping from it stays on it, and no text is
+// ever stored on it.
+const DETACHED: ShapeNode = new Map();
 
 /**
  * Walk a target's shape (table, where fragment and its parameter count, key columns and which are
@@ -215,7 +298,11 @@ export function walkTarget(cache: ShapeCache, node: ShapeNode, target: SqlTarget
   let at = cache.step(cache.step(node, target.table), where === undefined ? undefined : where.text);
   if (where?.params) {
     at = cache.step(at, where.params.length);
-    for (const p of where.params) values.push(p);
+    for (let i = 0; i < where.params.length; i++) {
+      const p = where.params[i];
+      if (p === undefined) checkValue(p, `where.params[${i}]`);
+      values.push(p);
+    }
   }
   for (const column in key) {
     if (!Object.hasOwn(key, column)) continue;
@@ -233,7 +320,7 @@ function safeJson(value: unknown): string {
     try {
       return JSON.stringify(value, (_k, v) => (typeof v === 'bigint' ? v.toString() : v));
     } catch {
-      return String(value);
+      return describe(value);
     }
   }
 }
@@ -287,13 +374,22 @@ function checkInsert(insert: InsertWithUpdate): Required<Pick<InsertWithUpdate, 
 /**
  * Walk the columns of `record` (its own keys, in order) into the shape and collect their values,
  * in the order the compilers number them (`for...in` with own keys, as Object.entries gives them).
+ * An undefined value is refused ({@link checkValue}); `what` names the record in that message.
  */
-export function walkColumns(cache: ShapeCache, node: ShapeNode, record: Record<string, unknown>, values: unknown[]): ShapeNode {
+export function walkColumns(
+  cache: ShapeCache,
+  node: ShapeNode,
+  record: Record<string, unknown>,
+  values: unknown[],
+  what: string,
+): ShapeNode {
   let at = node;
   for (const column in record) {
     if (!Object.hasOwn(record, column)) continue;
+    const value = record[column];
+    if (value === undefined) checkValue(value, `${what} column ${describe(column)}`);
     at = cache.step(at, column);
-    values.push(record[column]);
+    values.push(value);
   }
   return at;
 }
@@ -304,7 +400,7 @@ export function walkColumns(cache: ShapeCache, node: ShapeNode, record: Record<s
  */
 export function walkInsert(cache: ShapeCache, node: ShapeNode, insert: InsertWithUpdate, values: unknown[]): ShapeNode {
   const { values: columns, fromRow } = checkInsert(insert);
-  let at = walkColumns(cache, cache.step(cache.step(node, INSERT), insert.into), columns, values);
+  let at = walkColumns(cache, cache.step(cache.step(node, INSERT), insert.into), columns, values, 'insert.values');
   at = cache.step(at, FROM_ROW);
   for (const column in fromRow) {
     if (!Object.hasOwn(fromRow, column)) continue;

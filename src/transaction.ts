@@ -1,5 +1,5 @@
+import { type Isolation, inTransaction, type Runner, type TransactionOptions } from './driver/index.js';
 import type { HandleOf } from './handles.js';
-import { type Isolation, inTransaction, type Runner, type TransactionOptions } from './runner.js';
 
 export type { Isolation, Runner, TransactionOptions };
 

@@ -1,23 +1,31 @@
 // Connection faults on every runner, each suite in a child process: a driver crash shows up as
-// that process dying, never as an exception swallowed in here.
+// that process dying, never as an exception swallowed in here. postgres.js is the driver under test
+// (./pgjs.ts): 4.x, stock, or 3.4.x with PGCOORD_PGJS=3, stock and with pgcoord's patch.
 import { execFileSync, spawn } from 'node:child_process';
-import { cpSync, mkdtempSync, rmSync } from 'node:fs';
+import { cpSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { useTestDb } from './helpers.js';
+import { PGJS_MAJOR, PGJS_PACKAGE } from './pgjs.js';
 
 const db = await useTestDb(2);
 const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url));
-const installed = fileURLToPath(new URL('../node_modules/postgres/src/index.js', import.meta.url));
+const pkgDir = fileURLToPath(new URL(`../${PGJS_PACKAGE}`, import.meta.url));
+const version = (JSON.parse(readFileSync(join(pkgDir, 'package.json'), 'utf8')) as { version: string }).version;
+const installed = join(pkgDir, 'src/index.js');
 
-// A copy of the installed postgres.js with pgcoord's patch applied (what patch-package would do).
-const patchedDir = mkdtempSync(join(tmpdir(), 'pgcoord-patched-'));
-cpSync(fileURLToPath(new URL('../node_modules/postgres', import.meta.url)), join(patchedDir, 'node_modules/postgres'), { recursive: true });
-execFileSync('git', ['apply', fileURLToPath(new URL('../patches/postgres+3.4.9.patch', import.meta.url))], { cwd: patchedDir });
-const patched = join(patchedDir, 'node_modules/postgres/src/index.js');
-afterAll(() => rmSync(patchedDir, { recursive: true, force: true }));
+// On 3.x, a copy of the installed postgres.js laid out as node_modules/postgres (where the patch's
+// paths point) with pgcoord's patch for its version applied (what patch-package would do).
+let patched = '';
+if (PGJS_MAJOR === 3) {
+  const patchedDir = mkdtempSync(join(tmpdir(), 'pgcoord-patched-'));
+  afterAll(() => rmSync(patchedDir, { recursive: true, force: true }));
+  cpSync(pkgDir, join(patchedDir, 'node_modules/postgres'), { recursive: true });
+  execFileSync('git', ['apply', fileURLToPath(new URL(`../patches/postgres+${version}.patch`, import.meta.url))], { cwd: patchedDir });
+  patched = join(patchedDir, 'node_modules/postgres/src/index.js');
+}
 
 function run(
   script: string,
@@ -75,7 +83,7 @@ const expectSafe = (lines: Record<string, unknown>[]) => {
   expect(by['kill-session-lock']!.abortedAfterMs as number).toBeLessThan(3000);
 };
 
-describe('connection faults through pgcoord (installed, unpatched drivers)', () => {
+describe(`connection faults through pgcoord (installed drivers, postgres.js ${version} unpatched)`, () => {
   for (const runner of ['postgres.js', 'drizzle-postgres-js', 'pg', 'drizzle-pg']) {
     it(`${runner}: the process lives, the typed error is raised, nothing of the failed transaction is written, the pool serves on`, async () => {
       const { code, lines, stderr } = await run('fault-suite.ts', [runner, db.url]);
@@ -89,7 +97,7 @@ describe('connection faults through pgcoord (installed, unpatched drivers)', () 
     expect(code, stderr).toBe(0);
     const [r] = lines;
     expect(r).toMatchObject({ ackedMissing: 0, overRefunded: 0, mismatched: 0 });
-    expect(r!.acked as number).toBeGreaterThan(0);
+    expect(r!.acked as number, JSON.stringify(r)).toBeGreaterThan(0);
     expect(r!.next).toEqual({ 'postgres.js': true, 'drizzle postgres-js': true, pg: true, 'drizzle pg': true });
     // every failure was typed: lost before commit, or commit outcome unknown; nothing hung (a
     // postgres.js reservation lost in the restart is bounded by the pool's connect_timeout)
@@ -98,9 +106,10 @@ describe('connection faults through pgcoord (installed, unpatched drivers)', () 
   });
 });
 
-describe('postgres.js 3.4.9 on its own (sql.begin / sql.reserve, no pgcoord)', () => {
-  // These document the upstream bug (porsager/postgres #1066, #1154, #1208, #1216). When a release
-  // fixes it they fail: update the README's driver section and drop the patch then.
+describe.runIf(PGJS_MAJOR === 3)(`postgres.js ${version} on its own (sql.begin / sql.reserve, no pgcoord)`, () => {
+  // These document the upstream bugs of 3.4.x (porsager/postgres #1066, #1154, #1208, #1216; 3.4.9
+  // and 3.4.10 both have them), fixed in 4.x. Should a 3.4 release fix them, these fail: update the
+  // README's driver section and doctor's check then.
   it('unpatched: a backend killed inside sql.begin crashes the process', async () => {
     const { code, stderr } = await run('pgjs-begin-faults.ts', [installed, db.url, 'kill-in-begin']);
     expect(code).not.toBe(0);
@@ -138,4 +147,27 @@ describe('postgres.js 3.4.9 on its own (sql.begin / sql.reserve, no pgcoord)', (
       expectSafe(lines);
     });
   }
+});
+
+describe.runIf(PGJS_MAJOR === 4)(`postgres.js ${version} on its own (sql.begin / sql.reserve, no pgcoord, no patch)`, () => {
+  // The three faults that crash or leak on 3.4.x are fixed upstream in 4.x: the stock driver survives them.
+  it('a backend killed inside sql.begin rejects the transaction, the pool serves on', async () => {
+    const { code, lines, stderr } = await run('pgjs-begin-faults.ts', [installed, db.url, 'kill-in-begin']);
+    expect(code, stderr).toBe(0);
+    expect(lines[0]).toMatchObject({ next: 1 });
+    expect(lines[0]!.result).not.toBe('committed');
+  });
+
+  it('the next query on a reserved connection whose backend died is rejected', async () => {
+    const { code, lines, stderr } = await run('pgjs-begin-faults.ts', [installed, db.url, 'kill-reserved']);
+    expect(code, stderr).toBe(0);
+    expect(lines[0]).toMatchObject({ result: 'CONNECTION_CLOSED' });
+  });
+
+  it('idle_in_transaction_session_timeout leaks no write of the failed transaction', async () => {
+    const { code, lines, stderr } = await run('pgjs-begin-faults.ts', [installed, db.url, 'idle-tx-timeout']);
+    expect(code, stderr).toBe(0);
+    expect(lines[0]).toMatchObject({ rows: [] });
+    expect((lines[0]!.results as string[])[0]).toMatch(/^A failed /);
+  });
 });

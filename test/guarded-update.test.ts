@@ -131,6 +131,12 @@ describe('guardedUpdate bad input', () => {
     await expect(guardedUpdate(db.sql, { ...base, params: 'x' as unknown as [] })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(guardedUpdate(db.sql, base, { signal: 'x' as unknown as AbortSignal })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(guardedUpdate(db.sql, base, { isolation: 'snapshot' as 'serializable' })).rejects.toBeInstanceOf(InvalidOptionError);
+    const before = await q(db.sql, 'select refunded, note from billing.gu_orders where id = 1');
+    await expect(guardedUpdate(db.sql, base, { readOnly: 'no' as unknown as boolean })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(guardedUpdate(db.sql, { ...base, params: [undefined] })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(guardedUpdate(db.sql, { ...base, set: { note: undefined } })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(guardedUpdate(db.sql, base, { signal: AbortSignal.abort() })).rejects.toBeInstanceOf(AbortedError);
+    expect(await q(db.sql, 'select refunded, note from billing.gu_orders where id = 1')).toEqual(before); // nothing above ran
   });
 });
 

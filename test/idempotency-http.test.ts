@@ -204,7 +204,7 @@ for (const fw of frameworks) {
         headers: { 'content-type': 'application/json', 'idempotency-key': key },
         body: '{"amount":3}',
       });
-      expect(noTenant.status).toBe(500);
+      expect(noTenant.status).toBe(400); // the client's fault: a 5xx would be retried
       expect(((await noTenant.json()) as { code: string }).code).toBe('PGCOORD_IDEMPOTENCY_SCOPE_REQUIRED');
     });
 

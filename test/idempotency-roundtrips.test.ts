@@ -15,9 +15,9 @@
 // subtracted), so work sent after the answer (a replay's COMMIT) is counted too.
 import net from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
+import { inTransaction } from '../src/driver/index.js';
 import { IdempotencyLeaseLostError, idempotent, migrate } from '../src/idempotency/index.js';
 import { CommitUnknownError } from '../src/index.js';
-import { inTransaction } from '../src/runner.js';
 import { q, sleep, useTestDb } from './helpers.js';
 
 const db = await useTestDb(4);

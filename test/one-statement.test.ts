@@ -1,7 +1,6 @@
 // guardedUpdate and updateVersioned as single statements: in autocommit on a pool (one round trip,
 // no BEGIN/COMMIT, no reserved connection), joined in a caller's transaction, with an optional
 // insert that happens exactly when the update applies; what a lost connection means there.
-import postgres from 'postgres';
 import { beforeAll, describe, expect, it } from 'vitest';
 import {
   CommitUnknownError,
@@ -13,6 +12,7 @@ import {
   VersionConflictError,
 } from '../src/index.js';
 import { q, sleep, useTestDb } from './helpers.js';
+import postgres from './pgjs.js';
 
 const db = await useTestDb(24);
 

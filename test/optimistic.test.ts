@@ -1,7 +1,14 @@
 import { eq } from 'drizzle-orm';
 import { integer, pgTable, text } from 'drizzle-orm/pg-core';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { InvalidIdentifierError, InvalidOptionError, RowNotFoundError, updateVersioned, VersionConflictError } from '../src/index.js';
+import {
+  AbortedError,
+  InvalidIdentifierError,
+  InvalidOptionError,
+  RowNotFoundError,
+  updateVersioned,
+  VersionConflictError,
+} from '../src/index.js';
 import { q, useTestDb } from './helpers.js';
 
 const db = await useTestDb();
@@ -107,6 +114,11 @@ describe('updateVersioned bad input', () => {
     await expect(updateVersioned(db.sql, { ...base, expected: 1.5 })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(updateVersioned(db.sql, { ...base, expected: 'one' })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(updateVersioned(db.sql, { ...base, set: null as unknown as {} })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(updateVersioned(db.sql, { ...base, set: { body_text: undefined } })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(updateVersioned(db.sql, base, { signal: 'x' as unknown as AbortSignal })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(updateVersioned(db.sql, base, { readOnly: 'yes' as unknown as boolean })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(updateVersioned(db.sql, base, null as never)).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(updateVersioned(db.sql, base, { signal: AbortSignal.abort() })).rejects.toBeInstanceOf(AbortedError);
     await expect(
       updateVersioned(db.sql, { table: docs, where: eq(docs.id, 1), set: { bodyText: 'x' }, version: docs.rev, expected: 1 }),
     ).rejects.toBeInstanceOf(InvalidOptionError);

@@ -152,6 +152,11 @@ describe('retry', () => {
     await expect(retry(fn, { baseMs: -1 })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(retry(fn, { maxMs: Number.NaN })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(retry(fn, { deadlineMs: -5 })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(retry(fn, { baseMs: 3e9 })).rejects.toBeInstanceOf(InvalidOptionError); // beyond Node's timers
+    await expect(retry(fn, { maxMs: 3e9 })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(retry(fn, { baseMs: Object.create(null) })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(transactionWithRetry(db.sql, fn, { readOnly: 'yes' as unknown as boolean })).rejects.toBeInstanceOf(InvalidOptionError);
+    await expect(transactionWithRetry(db.sql, fn, null as never)).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(retry(fn, { retryOn: ['everything' as 'deadlock'] })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(retry(fn, { signal: {} as AbortSignal })).rejects.toBeInstanceOf(InvalidOptionError);
     await expect(retry(fn, { onRetry: 1 as unknown as () => void })).rejects.toBeInstanceOf(InvalidOptionError);

@@ -64,8 +64,10 @@ run() {
 printf '%-28s %14s %16s\n' strategy 'instr/request' 'bytes/request'
 for id in "${ids[@]}"; do
   run "$id" "$n1" >"$out/a" &
+  first=$!
   run "$id" "$n2" >"$out/b" &
-  wait
+  # (not a bare `wait`: it would wait for the stub server started above too)
+  wait $first $!
   read -r a bytes <"$out/a"
   read -r b _ <"$out/b"
   printf '%-28s %14d %16s\n' "$id" $(((b - a) / (n2 - n1))) "$bytes"

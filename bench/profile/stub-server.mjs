@@ -88,6 +88,7 @@ const nParams = (text) => {
   return n;
 };
 
+let backends = 0;
 net
   .createServer((sock) => {
     sock.setNoDelay(true);
@@ -118,7 +119,7 @@ net
             msg('S', Buffer.concat([cstr('server_version'), cstr('15.0')])),
             msg('S', Buffer.concat([cstr('client_encoding'), cstr('UTF8')])),
             msg('S', Buffer.concat([cstr('integer_datetimes'), cstr('on')])),
-            msg('K', Buffer.concat([i32(process.pid), i32(1)])),
+            msg('K', Buffer.concat([i32(process.pid), i32(++backends)])), // a cancel secret per connection, as a server gives
             ready('I'),
           );
           continue;

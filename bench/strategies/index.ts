@@ -7,9 +7,10 @@ import { idempotency } from './idempotency.js';
 import { naive } from './naive.js';
 import { optimistic } from './optimistic.js';
 import { pgcoordAdvisory, pgcoordAdvisoryCallback } from './pgcoord-advisory.js';
+import { pgcoordIdempotencyOne, pgcoordIdempotencyPlan } from './pgcoord-idempotency.js';
 import { pgcoordForUpdate, pgcoordGuarded, pgcoordIdempotency, pgcoordOptimistic, pgcoordSerializable } from './pgcoord-others.js';
 import { redisLock } from './redis.js';
-import { forUpdateSame, guardedSame, optimisticSame } from './same-shape.js';
+import { forUpdateSame, guardedSame, idempotencySame, optimisticSame } from './same-shape.js';
 import { serializableBegin, serializableBest } from './serializable.js';
 import type { Strategy } from './types.js';
 
@@ -37,6 +38,9 @@ export const strategies: readonly Strategy[] = [
   serializableBest,
   pgcoordSerializable,
   idempotency,
+  idempotencySame,
+  pgcoordIdempotencyOne,
+  pgcoordIdempotencyPlan,
   pgcoordIdempotency,
   redisLock,
 ];

@@ -1,7 +1,7 @@
 // The database connection of a `pgcoord` command: `--url` or `DATABASE_URL`, through whichever
 // driver the project has installed (postgres.js first, then node-postgres).
 
-import type { Runner } from '../runner.js';
+import type { Runner } from '../driver/index.js';
 import { CliUsageError } from './errors.js';
 
 /** An open connection pool for one command. */

@@ -2,10 +2,20 @@
 // what to do. Hazards make the command exit 1; warnings and infos do not.
 
 import { getTableConfig } from 'drizzle-orm/pg-core';
+import { type Conn, inTransaction, type PinnedConn, pinConnection, type Row, type Runner } from '../driver/index.js';
+import { InvalidOptionError } from '../errors.js';
 import { idempotencyMigrations } from '../idempotency/migrate.js';
 import { DEFAULT_SCHEMA, DEFAULT_TABLE, idempotencyTable } from '../idempotency/schema.js';
-import { type Conn, inTransaction, type PinnedConn, pinConnection, type Row, type Runner } from '../runner.js';
-import { findPackage, LAST_UNFIXED_POSTGRES, shippedPatch, unpatchedFiles, versionAtMost } from './drivers.js';
+import {
+  FIXED_POSTGRES_MAJOR,
+  findPackage,
+  hasConnectionFaultBugs,
+  type InstalledPackage,
+  majorVersion,
+  PATCHED_POSTGRES_VERSIONS,
+  shippedPatch,
+  unpatchedFiles,
+} from './drivers.js';
 import { checkName } from './generate.js';
 
 /** How serious a finding is: only `hazard` fails the check. */
@@ -51,29 +61,50 @@ export function isCockroachVersion(version: string): boolean {
   return /cockroach/i.test(version);
 }
 
+/**
+ * The finding for an installed postgres.js: every 3.x has connection-fault bugs (porsager/postgres
+ * #1066, #1154, #1208, #1216) that pgcoord's patch fixes, a hazard unless the patch is applied; 4.x
+ * has the fixes upstream.
+ */
+export function checkPostgresJs(pgjs: InstalledPackage): DoctorFinding {
+  const version = pgjs.version || '(unknown version)';
+  const major = majorVersion(pgjs.version);
+  if (!hasConnectionFaultBugs(pgjs.version)) {
+    if (major !== undefined && major > FIXED_POSTGRES_MAJOR)
+      return {
+        id: 'postgres-js',
+        severity: 'warning',
+        message: `postgres.js ${version}: newer than pgcoord is tested with (peer range >=3.4 <5)`,
+        fix: 'use postgres.js 4.x, or check the pgcoord release notes for this major',
+      };
+    return {
+      id: 'postgres-js',
+      severity: 'ok',
+      message: `postgres.js ${version}: no patch needed (${FIXED_POSTGRES_MAJOR}.x has the fixes)`,
+    };
+  }
+  const missing = unpatchedFiles(pgjs);
+  if (missing.length === 0) return { id: 'postgres-js', severity: 'ok', message: `postgres.js ${version} with the pgcoord patch` };
+  const patch = shippedPatch(pgjs.version);
+  const upgrade = `upgrade to postgres.js ${FIXED_POSTGRES_MAJOR}.x (recommended: the bugs are fixed there, no patch needed)`;
+  const apply = (file: string) =>
+    `copy ${file} into your app's patches/ folder, npm install -D patch-package, add "postinstall": "patch-package" to package.json and run npm install`;
+  const last = PATCHED_POSTGRES_VERSIONS.at(-1) ?? '';
+  return {
+    id: 'postgres-js-unpatched',
+    severity: 'hazard',
+    message: `postgres.js ${version} (${pgjs.dir}) has known connection-fault bugs (porsager/postgres #1066, #1154, #1208, #1216; fixed in ${FIXED_POSTGRES_MAJOR}.x): a killed backend can crash the process, and a statement of a failed transaction can commit; the pgcoord patch is not applied (${missing.join(', ')})`,
+    fix: patch
+      ? `${upgrade}; or ${apply(patch)} (or use node-postgres)`
+      : `${upgrade}; or pin postgres.js ${last} and ${apply(shippedPatch(last) ?? `postgres+${last}.patch`)} (pgcoord ships patches for ${PATCHED_POSTGRES_VERSIONS.join(' and ')} only; or use node-postgres)`,
+  };
+}
+
 /** The driver findings for the app at `project`. */
 export function checkDrivers(project: string): DoctorFinding[] {
   const findings: DoctorFinding[] = [];
   const pgjs = findPackage(project, 'postgres');
-  if (pgjs) {
-    const missing = unpatchedFiles(pgjs);
-    const affected = versionAtMost(pgjs.version, LAST_UNFIXED_POSTGRES);
-    if (affected && missing.length > 0) {
-      const patch = shippedPatch() ?? `node_modules/pgcoord/patches/postgres+${LAST_UNFIXED_POSTGRES}.patch`;
-      findings.push({
-        id: 'postgres-js-unpatched',
-        severity: 'hazard',
-        message: `postgres.js ${pgjs.version} (${pgjs.dir}) has known connection-fault bugs (porsager/postgres #1066, #1154, #1208, #1216): a killed backend can crash the process, and a statement of a failed transaction can commit; the pgcoord patch is not applied (${missing.join(', ')})`,
-        fix: `copy ${patch} into your app's patches/ folder, npm install -D patch-package, add "postinstall": "patch-package" to package.json and run npm install (or use node-postgres)`,
-      });
-    } else {
-      findings.push({
-        id: 'postgres-js',
-        severity: 'ok',
-        message: `postgres.js ${pgjs.version}${affected ? ' with the pgcoord patch' : ''}`,
-      });
-    }
-  }
+  if (pgjs) findings.push(checkPostgresJs(pgjs));
   const pg = findPackage(project, 'pg');
   if (pg)
     findings.push({
@@ -242,7 +273,7 @@ async function checkTable(runner: Runner, schema: string, table: string, state: 
 
 /**
  * Check the installed drivers (from `project`) and, with a `runner`, the connected server for known
- * hazards: postgres.js ≤ 3.4.9 without the pgcoord patch, a standby, CockroachDB, session locks
+ * hazards: postgres.js 3.x without the pgcoord patch (4.x needs none), a standby, CockroachDB, session locks
  * behind a transaction-mode pooler; warns about a missing or outdated idempotency table; reports
  * lock-related settings.
  *
@@ -251,6 +282,11 @@ async function checkTable(runner: Runner, schema: string, table: string, state: 
  * if (report.hazards > 0) console.error(formatDoctor(report));
  */
 export async function doctor(options: DoctorOptions = {}): Promise<DoctorReport> {
+  if (options === null || typeof options !== 'object') throw new InvalidOptionError('doctor options must be an object');
+  if (options.project !== undefined && (typeof options.project !== 'string' || options.project === ''))
+    throw new InvalidOptionError(
+      `project must be a folder path, got ${typeof options.project === 'string' ? 'an empty string' : typeof options.project}`,
+    );
   const schema = checkName(options.schema ?? DEFAULT_SCHEMA, 'schema');
   const table = checkName(options.table ?? DEFAULT_TABLE, 'table');
   const findings = checkDrivers(options.project ?? process.cwd());

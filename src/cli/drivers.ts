@@ -1,5 +1,6 @@
 // Installed-driver checks of `pgcoord doctor`: which postgres.js / node-postgres the app would load,
-// and whether postgres.js carries pgcoord's fix for its connection-fault bugs.
+// and whether a postgres.js 3.x carries pgcoord's fix for its connection-fault bugs (4.x has the
+// fixes upstream).
 
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
@@ -12,8 +13,10 @@ export interface InstalledPackage {
   version: string;
 }
 
-/** The last postgres.js release with the connection-fault bugs the pgcoord patch fixes. */
-export const LAST_UNFIXED_POSTGRES = '3.4.9';
+/** The postgres.js releases pgcoord ships a patch for: `patches/postgres+<version>.patch`. */
+export const PATCHED_POSTGRES_VERSIONS: readonly string[] = ['3.4.9', '3.4.10'];
+/** The first postgres.js major with the connection-fault fixes upstream (no patch needed). */
+export const FIXED_POSTGRES_MAJOR = 4;
 /** The marker every file touched by the patch contains. */
 export const PATCH_MARKER = 'pgcoord patch';
 const PATCHED_FILES = ['src/connection.js', 'src/index.js', 'cjs/src/connection.js', 'cjs/src/index.js'];
@@ -38,14 +41,16 @@ export function findPackage(project: string, name: string): InstalledPackage | u
   }
 }
 
-/** True when `version` (x.y.z, pre-release suffix ignored) is at most `limit`. Unparsable versions count as affected. */
-export function versionAtMost(version: string, limit: string): boolean {
-  const parse = (v: string) => /^(\d+)\.(\d+)\.(\d+)/.exec(v)?.slice(1, 4).map(Number);
-  const a = parse(version);
-  const b = parse(limit);
-  if (!a || !b) return true;
-  for (let i = 0; i < 3; i++) if ((a[i] ?? 0) !== (b[i] ?? 0)) return (a[i] ?? 0) < (b[i] ?? 0);
-  return true;
+/** The major version of `version` (x.y.z, pre-release suffix ignored), undefined when unparsable. */
+export function majorVersion(version: string): number | undefined {
+  const m = /^(\d+)\.\d+\.\d+/.exec(version);
+  return m ? Number(m[1]) : undefined;
+}
+
+/** True when postgres.js `version` has the connection-fault bugs (every 3.x; unparsable versions count as affected). */
+export function hasConnectionFaultBugs(version: string): boolean {
+  const major = majorVersion(version);
+  return major === undefined || major < FIXED_POSTGRES_MAJOR;
 }
 
 /** The driver files (of those present) that lack the pgcoord patch marker; `src/` files count even when absent. */
@@ -57,13 +62,18 @@ export function unpatchedFiles(pkg: InstalledPackage): string[] {
   });
 }
 
-/** Where this pgcoord install keeps `patches/postgres+3.4.9.patch` (shipped in the package), if found. */
-export function shippedPatch(): string | undefined {
+/**
+ * Where this pgcoord install keeps `patches/postgres+<version>.patch` (shipped in the package), or
+ * its path in an app's node_modules when not found here; undefined when pgcoord has no patch for
+ * that postgres.js version.
+ */
+export function shippedPatch(version: string): string | undefined {
+  if (!PATCHED_POSTGRES_VERSIONS.includes(version)) return undefined;
   let dir = dirname(fileURLToPath(import.meta.url));
   for (let i = 0; i < 5; i++) {
-    const candidate = join(dir, 'patches', `postgres+${LAST_UNFIXED_POSTGRES}.patch`);
+    const candidate = join(dir, 'patches', `postgres+${version}.patch`);
     if (existsSync(candidate)) return candidate;
     dir = dirname(dir);
   }
-  return undefined;
+  return join('node_modules', 'pgcoord', 'patches', `postgres+${version}.patch`);
 }

@@ -1,15 +1,14 @@
 // `pgcoord locks`: the advisory locks held and awaited in the current database, decoded back to
 // pgcoord's string keys where possible, with holders, waiters and who blocks whom.
 
-import { type DecodedKey, decodeLockRow } from '../keys.js';
-import { inTransaction, type Row, type Runner } from '../runner.js';
+import { inTransaction, type Row, type Runner } from '../driver/index.js';
+import { InvalidOptionError } from '../errors.js';
+import { candidateKeys, type DecodedKey, decodeLockRow, type KeyCandidate } from '../keys.js';
+import { describe } from '../text.js';
 import { duration, table } from './output.js';
 
 /** A candidate string key for decoding: the name and, when pgcoord was given one, its namespace. */
-export interface KeyCandidate {
-  namespace?: string;
-  name: string;
-}
+export type { KeyCandidate };
 
 /** Options of {@link listLocks}. */
 export interface ListLocksOptions {
@@ -77,9 +76,16 @@ function pids(v: unknown): number[] {
   return [];
 }
 
+// A key this process did not hash, named from the candidates (hashed once for all rows).
+function named(key: DecodedKey, known: Map<bigint, KeyCandidate> | undefined): DecodedKey {
+  if (key.space !== 'int8' || key.name !== undefined) return key;
+  const candidate = known?.get(key.id);
+  return candidate ? { space: 'int8', id: key.id, namespace: candidate.namespace, name: candidate.name } : key;
+}
+
 /** Turn one row of the query into an {@link AdvisoryLockInfo}. */
-function toInfo(row: Row, known: KeyCandidate[] | undefined): AdvisoryLockInfo {
-  const key = decodeLockRow({ classid: String(row.classid), objid: String(row.objid), objsubid: Number(row.objsubid) }, known);
+function toInfo(row: Row, known: Map<bigint, KeyCandidate> | undefined): AdvisoryLockInfo {
+  const key = named(decodeLockRow({ classid: String(row.classid), objid: String(row.objid), objsubid: Number(row.objsubid) }), known);
   const granted = row.granted === true || row.granted === 't';
   const [sinceDate, basis] = granted
     ? row.xact_start
@@ -114,12 +120,19 @@ function toInfo(row: Row, known: KeyCandidate[] | undefined): AdvisoryLockInfo {
  * database), holders first. Keys made by pgcoord from strings are decoded when this process hashed
  * them or when they are among `names`.
  *
+ * @throws {@link InvalidOptionError} when `options` or `names` is not what it should be, and
+ * {@link InvalidKeyError} for a candidate that is not a valid key, before any statement is sent.
+ *
  * @example
  * const locks = await listLocks(sql, { names: [{ namespace: 'refunds', name: 'order:42' }] });
  * for (const l of locks) console.log(l.label, l.status, l.pid, l.blockedBy);
  */
 export async function listLocks(runner: Runner, options: ListLocksOptions = {}): Promise<AdvisoryLockInfo[]> {
-  const known = options.names ? [...options.names] : undefined;
+  if (options === null || typeof options !== 'object') throw new InvalidOptionError(`options must be an object, got ${describe(options)}`);
+  const { names } = options;
+  if (names !== undefined && (names === null || typeof names !== 'object' || typeof names[Symbol.iterator] !== 'function'))
+    throw new InvalidOptionError(`names must be an iterable of { namespace?, name }, got ${describe(names)}`);
+  const known = names === undefined ? undefined : candidateKeys(names);
   const rows = await inTransaction(runner, { readOnly: true }, async (scope) => {
     const [[v]] = (await scope.conn.send([{ text: `select current_setting('server_version_num')::int as v` }])) as [Row[]];
     const [found] = await scope.conn.send([{ text: SQL(Number(v?.v) >= 140000) }]);

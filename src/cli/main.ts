@@ -1,16 +1,22 @@
-// The `pgcoord` command's program: generate (migrations), locks (who holds what), purge (expired
-// idempotency rows), doctor (known hazards). Exit codes: 0 ok, 1 failed or hazard found, 2 bad usage.
+// The `pgcoord` command's program: generate (migrations), locks (who holds what), leases (who holds
+// which lease, with which fence), queue (queues, their keys, and dead jobs to retry or skip), purge
+// (expired idempotency rows), doctor (known hazards).
+// Exit codes: 0 ok, 1 failed or hazard found, 2 bad usage.
 
 import { readFileSync } from 'node:fs';
-import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
+import { Argument, Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { InvalidKeyError, InvalidOptionError } from '../errors.js';
+import { listQueueKeys, queueStats } from '../queue/admin.js';
 import { InvalidIdentifierError } from '../sql-target.js';
+import { describe } from '../text.js';
 import { connectionUrl, openConnection } from './connect.js';
 import { doctor, formatDoctor } from './doctor.js';
 import { CliUsageError } from './errors.js';
 import { generateMigration } from './generate.js';
+import { formatLeases, leasesJson, listLeases } from './leases.js';
 import { candidates, formatLocks, listLocks } from './locks.js';
 import { purgeWithProgress } from './purge.js';
+import { checkQueueArgument, describeQueue, formatQueueAction, formatQueueStats, queueAction, queueKeysJson } from './queue.js';
 
 interface Io {
   out(text: string): void;
@@ -28,8 +34,15 @@ function version(): string {
 }
 
 function positiveInt(value: string): number {
-  if (!/^\d+$/.test(value) || Number(value) < 1) throw new InvalidArgumentError('expected a positive integer');
+  if (!/^\d{1,16}$/.test(value) || !Number.isSafeInteger(Number(value)) || Number(value) < 1)
+    throw new InvalidArgumentError('expected a positive integer');
   return Number(value);
+}
+
+function keyLimit(value: string): number {
+  const n = positiveInt(value);
+  if (n > 100_000) throw new InvalidArgumentError('expected at most 100000');
+  return n;
 }
 
 const examples = (lines: string[]) => `\nExamples:\n${lines.map((l) => `  $ ${l}`).join('\n')}\n`;
@@ -37,7 +50,7 @@ const examples = (lines: string[]) => `\nExamples:\n${lines.map((l) => `  $ ${l}
 /** Build the commander program; `exit` receives each command's exit code. */
 function build(io: Io, exit: (code: number) => void): Command {
   const program = new Command('pgcoord')
-    .description('PostgreSQL as the only coordination point: migrations, lock inspection, purge, and a hazard check')
+    .description('PostgreSQL as the only coordination point: migrations, lock, lease and queue inspection, purge, and a hazard check')
     .version(version(), '-V, --version')
     .option('--verbose', 'print stack traces of errors')
     .showHelpAfterError('(run with --help for usage)')
@@ -45,7 +58,14 @@ function build(io: Io, exit: (code: number) => void): Command {
     .exitOverride();
   program.addHelpText(
     'after',
-    examples(['pgcoord generate --out drizzle', 'pgcoord locks --url postgres://app@db/app', 'pgcoord purge --dry-run', 'pgcoord doctor']),
+    examples([
+      'pgcoord generate --out drizzle',
+      'pgcoord locks --url postgres://app@db/app',
+      'pgcoord leases',
+      'pgcoord queue refunds --dead',
+      'pgcoord purge --dry-run',
+      'pgcoord doctor',
+    ]),
   );
   const urlOption = () => new Option('--url <url>', 'database URL (default: $DATABASE_URL)');
 
@@ -60,7 +80,10 @@ function build(io: Io, exit: (code: number) => void): Command {
     .option('--out <dir>', 'migrations folder (default: drizzle, or migrations with --format sql)')
     .option('--schema <name>', 'schema of the idempotency table', 'pgcoord')
     .option('--table <name>', 'name of the idempotency table', 'idempotency_keys')
-    .option('--name <name>', 'migration name (drizzle: tag suffix, default pgcoord; sql: file name, default pgcoord_<table>)')
+    .option(
+      '--name <name>',
+      'migration name (drizzle: tag suffix, default pgcoord; sql: file name, default pgcoord_<table>, or pgcoord_<newest shipped migration> when the folder has that table)',
+    )
     .option('--json', 'print the result as JSON')
     .addHelpText(
       'after',
@@ -81,12 +104,14 @@ function build(io: Io, exit: (code: number) => void): Command {
       if (opts.json) io.out(JSON.stringify(result, null, 2));
       else if (result.status === 'up-to-date')
         io.out(
-          `up to date: ${result.files[0] ?? 'the migrations folder'} already creates "${opts.schema}"."${opts.table}"; nothing changed`,
+          `up to date: ${result.files.join(', ') || 'the migrations folder'} already create${result.files.length > 1 ? '' : 's'} pgcoord's tables ("${opts.schema}"."${opts.table}" and pgcoord's own); nothing changed`,
         );
       else {
         io.out(`wrote ${result.files.join(', ')} (${result.statements.length} statements)`);
         if (result.schemaExports)
-          io.out(`export pgcoord's table from your drizzle schema so drizzle-kit keeps it:\n${result.schemaExports.replace(/^/gm, '  ')}`);
+          io.out(
+            `export pgcoord's tables from your drizzle schema so drizzle-kit keeps them:\n${result.schemaExports.replace(/^/gm, '  ')}`,
+          );
       }
       exit(0);
     });
@@ -120,6 +145,74 @@ function build(io: Io, exit: (code: number) => void): Command {
       try {
         const locks = await listLocks(conn.runner, { names: candidates(names, opts.namespace ?? []) });
         io.out(opts.json ? JSON.stringify(locks, (_k, v) => (typeof v === 'bigint' ? String(v) : v), 2) : formatLocks(locks));
+      } finally {
+        await conn.close();
+      }
+      exit(0);
+    });
+
+  program
+    .command('leases')
+    .description('list the leases in pgcoord.leases: holder, fence, held or free, and when the term ends (database clock)')
+    .addOption(urlOption())
+    .option('--json', 'print the leases as JSON (fences as decimal strings)')
+    .addHelpText('after', examples(['pgcoord leases', 'pgcoord leases --json | jq ".[] | select(.state == \\"held\\") | .name"']))
+    .action(async (_opts, cmd: Command) => {
+      const opts = cmd.optsWithGlobals();
+      const conn = await openConnection(connectionUrl(opts.url), 1);
+      try {
+        const list = await listLeases(conn.runner);
+        io.out(opts.json ? leasesJson(list) : formatLeases(list));
+      } finally {
+        await conn.close();
+      }
+      exit(0);
+    });
+
+  program
+    .command('queue')
+    .description(
+      "the queues (jobs, keys, running, dead, the oldest job's age); with a name, its keys most behind first; retry or skip a key's dead job",
+    )
+    .argument('[name]', 'a queue: list its keys, most behind first (state, jobs, head job, attempts, lag, holder, last error)')
+    .addArgument(new Argument('[action]', "act on <key>'s dead head job: run it again, or drop it").choices(['retry', 'skip']))
+    .argument('[key]', 'the key whose dead job to retry or skip')
+    .addOption(urlOption())
+    .option('--dead', 'only the keys stopped at a dead job')
+    .option('--limit <n>', 'at most this many keys (1 to 100000, default 100)', keyLimit)
+    .option('--json', 'print the listing as JSON (job ids as decimal strings)')
+    .addHelpText(
+      'after',
+      examples([
+        'pgcoord queue',
+        'pgcoord queue refunds --dead',
+        'pgcoord queue refunds --limit 20 --json | jq ".[] | select(.lagMs > 60000) | .key"',
+        'pgcoord queue refunds retry order:42     # run its dead job again, from attempt 1',
+        'pgcoord queue refunds skip order:42      # drop its dead job; the key goes on',
+      ]),
+    )
+    .action(async (name: string | undefined, action: 'retry' | 'skip' | undefined, key: string | undefined, _opts, cmd: Command) => {
+      const opts = cmd.optsWithGlobals();
+      // Everything the command line can get wrong is refused before connecting.
+      if (name !== undefined) checkQueueArgument(name, 'queue');
+      if (action !== undefined && key === undefined)
+        throw new CliUsageError(`pgcoord queue ${name} ${action} needs the key: pgcoord queue <name> ${action} <key>`);
+      if (key !== undefined) checkQueueArgument(key, 'key');
+      if (name === undefined && (opts.dead || opts.limit !== undefined))
+        throw new CliUsageError(
+          `--${opts.dead ? 'dead' : 'limit'} lists one queue's keys: pgcoord queue <name> --${opts.dead ? 'dead' : 'limit <n>'}`,
+        );
+      if (action !== undefined && (opts.dead || opts.limit !== undefined || opts.json))
+        throw new CliUsageError(`--dead, --limit and --json are for the listings, not for ${action}`);
+      const conn = await openConnection(connectionUrl(opts.url), 1);
+      try {
+        if (name === undefined) {
+          const stats = await queueStats(conn.runner);
+          io.out(opts.json ? JSON.stringify(stats, null, 2) : formatQueueStats(stats));
+        } else if (action === undefined) {
+          if (opts.json) io.out(queueKeysJson(await listQueueKeys(conn.runner, name, { dead: opts.dead === true, limit: opts.limit })));
+          else io.out(await describeQueue(conn.runner, name, { dead: opts.dead === true, limit: opts.limit }));
+        } else io.out(formatQueueAction(await queueAction(conn.runner, name, action, key as string)));
       } finally {
         await conn.close();
       }
@@ -226,7 +319,7 @@ export async function main(argv: readonly string[], io: Io = stdio): Promise<num
       return 2; // commander already printed the one-line error
     }
     const verbose = argv.includes('--verbose');
-    const message = err instanceof Error ? err.message.split('\n')[0] : String(err);
+    const message = err instanceof Error && typeof err.message === 'string' ? err.message.split('\n')[0] : describe(err);
     io.err(`pgcoord: ${message}`);
     if (verbose && err instanceof Error) io.err(err.stack ?? '');
     return isUsage(err) ? 2 : 1;

@@ -1,11 +1,12 @@
 // `pgcoord purge`: delete expired idempotency rows in batches (the library's purgeExpired, one
 // batch per call so progress can be shown), or count them first with --dry-run.
 
+import { inTransaction, type Row, type Runner } from '../driver/index.js';
 import { sqlState } from '../errors.js';
 import { IdempotencyNotMigratedError } from '../idempotency/errors.js';
 import { purgeExpired } from '../idempotency/purge.js';
 import { DEFAULT_SCHEMA, DEFAULT_TABLE } from '../idempotency/schema.js';
-import { inTransaction, type Row, type Runner } from '../runner.js';
+import { describe } from '../text.js';
 import { CliUsageError } from './errors.js';
 import { checkName } from './generate.js';
 
@@ -43,14 +44,21 @@ export interface PurgeCliResult {
  * const r = await purgeWithProgress(sql, { dryRun: true }); // { expired: 1200, total: 5000, deleted: 0, ... }
  */
 export async function purgeWithProgress(runner: Runner, options: PurgeCliOptions = {}): Promise<PurgeCliResult> {
+  if (options === null || typeof options !== 'object') throw new CliUsageError(`options must be an object, got ${describe(options)}`);
   const schema = checkName(options.schema ?? DEFAULT_SCHEMA, 'schema');
   const table = checkName(options.table ?? DEFAULT_TABLE, 'table');
   const batchSize = options.batchSize ?? 1000;
-  if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 1_000_000)
-    throw new CliUsageError(`invalid --batch-size ${batchSize}: use an integer from 1 to 1000000`);
+  if (typeof batchSize !== 'number' || !Number.isInteger(batchSize) || batchSize < 1 || batchSize > 1_000_000)
+    throw new CliUsageError(`invalid --batch-size ${describe(batchSize)}: use an integer from 1 to 1000000`);
   const maxBatches = options.maxBatches ?? Number.POSITIVE_INFINITY;
-  if (maxBatches !== Number.POSITIVE_INFINITY && (!Number.isInteger(maxBatches) || maxBatches < 1))
-    throw new CliUsageError(`invalid --max-batches ${maxBatches}: use a positive integer`);
+  if (maxBatches !== Number.POSITIVE_INFINITY && (typeof maxBatches !== 'number' || !Number.isInteger(maxBatches) || maxBatches < 1))
+    throw new CliUsageError(`invalid --max-batches ${describe(maxBatches)}: use a positive integer`);
+  const { dryRun, onBatch, signal } = options;
+  if (dryRun !== undefined && typeof dryRun !== 'boolean') throw new CliUsageError(`dryRun must be a boolean, got ${describe(dryRun)}`);
+  if (onBatch !== undefined && typeof onBatch !== 'function')
+    throw new CliUsageError(`onBatch must be a function, got ${describe(onBatch)}`);
+  if (signal !== undefined && !(signal instanceof AbortSignal))
+    throw new CliUsageError(`signal must be an AbortSignal, got ${describe(signal)}`);
   const t = `"${schema}"."${table}"`;
   let counts: Row | undefined;
   try {

@@ -1,12 +1,12 @@
 // Typed errors of the idempotency feature. Each has a stable `code` and, where it maps to an HTTP
 // answer, the `status` the middleware sends (as application/problem+json).
 
-import { PgcoordError } from '../errors.js';
+import { PgcoordError, type PgcoordErrorCode } from '../errors.js';
 
 /** Base of idempotency errors that map to an HTTP status. */
 export class IdempotencyError extends PgcoordError {
   constructor(
-    code: string,
+    code: PgcoordErrorCode,
     message: string,
     readonly status: number,
     options?: { cause?: unknown },
@@ -22,17 +22,35 @@ export class IdempotencyKeyMissingError extends IdempotencyError {
   }
 }
 
-/** The key is empty, too long, or has characters outside the allowed set (HTTP 400). */
+/**
+ * The key is empty, too long, or has characters outside the allowed set: control characters, NUL,
+ * or a lone surrogate (HTTP 400). Also raised for a phase name that cannot be an identity (NUL or
+ * a lone surrogate), since it is part of the phase's own key.
+ */
 export class IdempotencyKeyInvalidError extends IdempotencyError {
-  constructor(reason: string) {
-    super('PGCOORD_IDEMPOTENCY_KEY_INVALID', `invalid idempotency key: ${reason}`, 400);
+  constructor(reason: string, what = 'idempotency key') {
+    super('PGCOORD_IDEMPOTENCY_KEY_INVALID', `invalid ${what}: ${reason}`, 400);
   }
 }
 
-/** No scope (tenant / user / client) for the key, and the caller did not opt out with `unscoped: true`. */
+/**
+ * No scope (tenant / user / client) for the key, and the caller did not opt out with
+ * `unscoped: true`. HTTP 400: over HTTP it means the request carried no tenant / principal the
+ * resolver could find (a 5xx would make clients retry a request that can never succeed).
+ */
 export class IdempotencyScopeRequiredError extends IdempotencyError {
   constructor(message = 'an idempotency scope is required (tenant, user or API client); pass `scope`, or `unscoped: true` to opt out') {
-    super('PGCOORD_IDEMPOTENCY_SCOPE_REQUIRED', message, 500);
+    super('PGCOORD_IDEMPOTENCY_SCOPE_REQUIRED', message, 400);
+  }
+}
+
+/**
+ * The scope is not a string, is over 255 characters, or cannot be an identity: it holds NUL or a
+ * lone surrogate, which the driver would send as U+FFFD, so two tenants would share keys (HTTP 400).
+ */
+export class IdempotencyScopeInvalidError extends IdempotencyError {
+  constructor(reason: string) {
+    super('PGCOORD_IDEMPOTENCY_SCOPE_INVALID', `invalid idempotency scope: ${reason}`, 400);
   }
 }
 

@@ -2,14 +2,17 @@
 // until its outcome is committed, so a client never sees a response whose effects roll back.
 
 import type { NextFunction, Request, RequestHandler, Response } from 'express';
+import type { Runner } from '../driver/index.js';
+import { InvalidOptionError } from '../errors.js';
 import type { HandleOf } from '../handles.js';
-import type { Runner } from '../runner.js';
 import { IdempotencyError } from './errors.js';
+import type { RequestBody } from './fingerprint.js';
 import {
   checkContentLength,
   type HttpAnswer,
   type HttpIdempotencyOptions,
   httpConfig,
+  isJson,
   parseBody,
   prepare,
   problemResponse,
@@ -31,21 +34,52 @@ function send(res: Response, answer: HttpAnswer): void {
   res.end(answer.body);
 }
 
-async function requestBody(req: Request, limit: number): Promise<unknown> {
+// The body as the fingerprint sees it. A defined `req.body` proves nothing: body-parser 1.x
+// (express 4) sets `req.body = {}` for every body it does not parse, and any middleware may set
+// it. Only a body-parser that consumed the stream (it sets `req._body`, and the stream has ended)
+// gave `req.body` from the bytes; otherwise the bytes are still there and are read here.
+async function requestBody(req: Request, limit: number): Promise<RequestBody> {
   checkContentLength(req.headers['content-length'], limit);
-  if (req.body !== undefined) {
-    // Parsed by the app's own body parser (its limit applies; the declared length was checked).
-    return req.body;
-  }
+  const parsedByApp = (req as { _body?: unknown })._body === true || req.readableEnded;
+  if (parsedByApp) return appBody(req);
   const hasBody =
     req.headers['content-length'] !== undefined
       ? Number(req.headers['content-length']) > 0
       : req.headers['transfer-encoding'] !== undefined;
-  if (!hasBody) return undefined;
+  if (!hasBody) return { kind: 'none' };
   const raw = await readCapped(req, limit);
   const body = parseBody(raw, req.headers['content-type']);
-  req.body = body; // the handler gets the body pgcoord read (parsed JSON, or a Buffer)
+  // The handler gets the body pgcoord read (parsed JSON, or a Buffer) unless something else set
+  // req.body (body-parser 1.x's empty placeholder does not count). `_body` tells body parsers that
+  // run later that the stream is consumed (body-parser 2.x sees the ended stream).
+  if (req.body === undefined || isEmptyPlaceholder(req.body)) req.body = body.kind === 'json' ? body.value : raw;
+  (req as { _body?: boolean })._body = true;
   return body;
+}
+
+function isEmptyPlaceholder(value: unknown): boolean {
+  return (
+    value !== null && typeof value === 'object' && Object.getPrototypeOf(value) === Object.prototype && Object.keys(value).length === 0
+  );
+}
+
+// A body the app's parser produced from the (now consumed) stream: JSON when the content type is
+// JSON, bytes when the parser left bytes or text (express.raw(), express.text()), else the value
+// as another parser made it (express.urlencoded(), ...).
+function appBody(req: Request): RequestBody {
+  const body: unknown = req.body;
+  // body-parser reads a declared empty body too (express.json() then gives {}): it had no bytes.
+  if (req.headers['content-length'] === '0') return { kind: 'none' };
+  if (body === undefined) {
+    // The stream was consumed and nothing says what it held: refuse rather than call it empty.
+    throw new InvalidOptionError(
+      'the request body was consumed before the idempotency middleware and left no req.body: put the middleware before that consumer',
+    );
+  }
+  if (Buffer.isBuffer(body)) return body.length === 0 ? { kind: 'none' } : { kind: 'bytes', bytes: body };
+  if (isJson(req.headers['content-type'])) return { kind: 'json', value: body };
+  if (typeof body === 'string') return body.length === 0 ? { kind: 'none' } : { kind: 'bytes', bytes: body };
+  return { kind: 'parsed', value: body };
 }
 
 function capture<H>(res: Response, attempt: IdempotentAttempt<H>, cfg: ReturnType<typeof httpConfig<Request>>): void {
@@ -53,11 +87,24 @@ function capture<H>(res: Response, attempt: IdempotentAttempt<H>, cfg: ReturnTyp
   let size = 0;
   let overflow = false;
   const original = { write: res.write, end: res.end, writeHead: res.writeHead };
+  let ended = false; // end() was called (settled there) or the response closed first (failed here)
   const restore = () => {
     res.write = original.write;
     res.end = original.end;
     res.writeHead = original.writeHead;
   };
+  // The response closed before the handler ended it: the handler destroyed it (res.destroy()), or
+  // the client went away. Nothing can reach the client any more and express gives no other sign of
+  // the handler being done (unlike fastify, whose reply always goes through onSend), so end the
+  // attempt here: roll back / release, never leave the transaction open and the key held. A later
+  // end() from the handler sends its response untouched (to a closed socket) and stores nothing;
+  // its statements after this point fail (the transaction is over), and a retry runs afresh.
+  res.once('close', () => {
+    if (ended) return;
+    ended = true;
+    restore();
+    void attempt.fail(new Error('the response was closed before it was sent'));
+  });
   const push = (chunk: unknown, encoding?: unknown) => {
     if (chunk === undefined || chunk === null || typeof chunk === 'function') return;
     const b = Buffer.isBuffer(chunk)
@@ -89,6 +136,7 @@ function capture<H>(res: Response, attempt: IdempotentAttempt<H>, cfg: ReturnTyp
     },
     end(chunk?: unknown, encoding?: unknown, cb?: unknown) {
       push(chunk, encoding);
+      ended = true;
       restore();
       const body = Buffer.concat(chunks);
       const done = [chunk, encoding, cb].find((x) => typeof x === 'function') as (() => void) | undefined;
@@ -117,9 +165,16 @@ function capture<H>(res: Response, attempt: IdempotentAttempt<H>, cfg: ReturnTyp
  * `req.idempotency.tx` is the transaction to do the request's database work in: it commits
  * together with the stored response).
  *
- * Answers: 400 missing / invalid key, 409 + Retry-After while the same key is in flight (after
- * `waitMs`), 422 same key with another request, 413 body over `maxBodyBytes`, all problem+json.
- * A replay restores status, allow-listed headers and exact body, with `Idempotent-Replayed: true`.
+ * Answers: 400 missing / invalid key, no scope or an invalid one, invalid JSON; 409 + Retry-After
+ * while the same key is in flight (after `waitMs`); 422 same key with another request; 413 body
+ * over `maxBodyBytes`; all problem+json. A replay restores status, allow-listed headers and exact
+ * body, with `Idempotent-Replayed: true`.
+ *
+ * The body is fingerprinted from its bytes: the middleware reads it itself (and sets `req.body` to
+ * the parsed JSON or a Buffer) unless a body parser before it consumed the stream, in which case
+ * that parser's `req.body` is used (as JSON for a JSON content type, as bytes for `express.raw()` /
+ * `express.text()`). A response closed before it was sent (`res.destroy()`, a client gone) ends the
+ * attempt: its work rolls back and the key stays retryable.
  *
  * @example
  * app.post('/charges', idempotencyExpress(sql, { scope: (req) => req.get('x-tenant') }), async (req, res) => {

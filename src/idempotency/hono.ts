@@ -2,9 +2,10 @@
 // replaces it with an identical one built from the bytes that were stored and committed.
 
 import type { Context, MiddlewareHandler } from 'hono';
+import type { Runner } from '../driver/index.js';
 import type { HandleOf } from '../handles.js';
-import type { Runner } from '../runner.js';
 import { IdempotencyError } from './errors.js';
+import type { RequestBody } from './fingerprint.js';
 import {
   checkContentLength,
   type HttpAnswer,
@@ -89,7 +90,7 @@ export function idempotencyHono<R extends Runner>(runner: R, options: HttpIdempo
     let prepared: Awaited<ReturnType<typeof prepare<Context, HandleOf<R>>>>;
     try {
       checkContentLength(c.req.header('content-length'), cfg.maxBodyBytes);
-      let body: unknown;
+      let body: RequestBody = { kind: 'none' };
       if (c.req.raw.body) {
         const raw = await readCapped(chunksOf(c.req.raw.body), cfg.maxBodyBytes);
         // Hand the bytes to Hono's body cache, so c.req.json() / text() / arrayBuffer() still work.

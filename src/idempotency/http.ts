@@ -2,8 +2,8 @@
 // draft-ietf-httpapi-idempotency-key-header), problem+json answers, the body cap, what is stored
 // and how a stored response is replayed. Framework files only translate requests and responses.
 
+import { assertRunner, type Runner } from '../driver/index.js';
 import { InvalidOptionError, PgcoordError } from '../errors.js';
-import { assertRunner, type Runner } from '../runner.js';
 import {
   IdempotencyBodyInvalidError,
   IdempotencyBodyTooLargeError,
@@ -14,7 +14,7 @@ import {
   IdempotencyResponseNotStorableError,
   IdempotencyScopeRequiredError,
 } from './errors.js';
-import { requestFingerprint } from './fingerprint.js';
+import { type RequestBody, requestFingerprint } from './fingerprint.js';
 import {
   beginIdempotent,
   type Checked,
@@ -29,7 +29,9 @@ export interface HttpIdempotencyOptions<Req>
   extends Omit<IdempotencyOptions, 'scope' | 'key' | 'request' | 'fingerprint' | 'signal' | 'unscoped'> {
   /**
    * Resolve the scope of a request: tenant, user or API client (e.g. from the authenticated
-   * principal). Required unless `unscoped: true`. Returning nothing answers 500 and runs nothing.
+   * principal). Required unless `unscoped: true`. Returning nothing answers 400 (SCOPE_REQUIRED),
+   * and a scope that cannot be one (over 255 characters, NUL, a lone surrogate) 400
+   * (SCOPE_INVALID); either way nothing runs.
    */
   scope?: (req: Req) => string | undefined | Promise<string | undefined>;
   /** Explicit opt-out of scoping: all clients share one key space (a key can replay another client's response). */
@@ -182,6 +184,7 @@ const PROBLEM_TITLES: Record<string, string> = {
   PGCOORD_IDEMPOTENCY_BODY_TOO_LARGE: 'Request body too large',
   PGCOORD_IDEMPOTENCY_BODY_INVALID: 'Request body is invalid',
   PGCOORD_IDEMPOTENCY_SCOPE_REQUIRED: 'Idempotency scope could not be resolved',
+  PGCOORD_IDEMPOTENCY_SCOPE_INVALID: 'Idempotency scope is invalid',
   PGCOORD_IDEMPOTENCY_LEASE_LOST: 'The request lost its idempotency lease',
   PGCOORD_IDEMPOTENCY_RESPONSE_NOT_STORABLE: 'The response could not be stored',
   PGCOORD_IDEMPOTENCY_NOT_MIGRATED: 'Idempotency storage is not set up',
@@ -215,16 +218,20 @@ export function replayResponse(stored: StoredResponse): HttpAnswer {
   return { status: stored.status, headers: { ...stored.headers, 'idempotent-replayed': 'true' }, body: stored.body };
 }
 
-function isJson(contentType: string | undefined): boolean {
+/** Whether a Content-Type is JSON (`application/json`, `application/*+json`). */
+export function isJson(contentType: string | string[] | undefined): boolean {
   return typeof contentType === 'string' && /^application\/([a-z0-9.+-]*\+)?json\b/i.test(contentType.trim());
 }
 
-/** Body for the fingerprint (and for the handler): parsed JSON for JSON content types, else the bytes. */
-export function parseBody(raw: Buffer, contentType: string | undefined): unknown {
-  if (raw.length === 0) return undefined;
-  if (!isJson(contentType)) return raw;
+/**
+ * The body of raw request bytes, tagged for the fingerprint: none (zero bytes), parsed JSON for
+ * JSON content types (400 when it is not JSON), else the bytes themselves.
+ */
+export function parseBody(raw: Buffer, contentType: string | undefined): RequestBody {
+  if (raw.length === 0) return { kind: 'none' };
+  if (!isJson(contentType)) return { kind: 'bytes', bytes: raw };
   try {
-    return JSON.parse(raw.toString('utf8'));
+    return { kind: 'json', value: JSON.parse(raw.toString('utf8')) };
   } catch (err) {
     throw new IdempotencyBodyInvalidError('invalid JSON', { cause: err });
   }
@@ -256,8 +263,8 @@ export interface HttpRequestInfo {
   /** Path and query. */
   route: string;
   header(name: string): string | string[] | undefined;
-  /** Parsed JSON, raw bytes, or undefined. */
-  body: unknown;
+  /** The body, tagged with its kind (what the fingerprint covers). */
+  body: RequestBody;
 }
 
 /** What to do with a request. */
@@ -265,7 +272,8 @@ export type Prepared<H> = { kind: 'pass' } | { kind: 'answer'; answer: HttpAnswe
 
 /**
  * Validate the key, resolve the scope, fingerprint the request and claim the key. Idempotency
- * errors come back as problem answers; anything else is thrown (a 500 from the framework).
+ * errors (every problem with the client's input among them: 4xx) come back as problem answers;
+ * anything else is thrown (a 500 from the framework: a fault of the server or its setup).
  */
 export async function prepare<Req, H>(cfg: HttpConfig<Req>, info: HttpRequestInfo, req: Req): Promise<Prepared<H>> {
   if (!cfg.methods.has(info.method.toUpperCase())) return { kind: 'pass' };
@@ -322,24 +330,27 @@ export async function settle<Req, H>(
   attempt: IdempotentAttempt<H>,
   res: CapturedResponse,
 ): Promise<{ kind: 'original' } | { kind: 'answer'; answer: HttpAnswer }> {
-  const store = attempt.decision ? attempt.decision === 'final' : cfg.store(res.status);
-  if (!store) {
-    await attempt.fail(undefined);
-    return { kind: 'original' };
-  }
-  if (res.body === undefined || res.body.length > cfg.maxResponseBytes) {
-    await attempt.fail(undefined);
-    return {
-      kind: 'answer',
-      answer: problemResponse(
-        new IdempotencyResponseNotStorableError(
-          res.body === undefined ? 'it was streamed' : `its body has ${res.body.length} bytes, over the ${cfg.maxResponseBytes}-byte cap`,
-        ),
-      ),
-    };
+  let response: StoredResponse;
+  try {
+    const store = attempt.decision ? attempt.decision === 'final' : cfg.store(res.status);
+    if (!store) {
+      await attempt.fail(undefined);
+      return { kind: 'original' };
+    }
+    if (res.body === undefined || res.body.length > cfg.maxResponseBytes)
+      throw new IdempotencyResponseNotStorableError(
+        res.body === undefined ? 'it was streamed' : `its body has ${res.body.length} bytes, over the ${cfg.maxResponseBytes}-byte cap`,
+      );
+    response = { status: res.status, headers: storedHeaders(cfg as HttpConfig<unknown>, res.headers), body: res.body };
+  } catch (err) {
+    // Whatever failed before the outcome could be stored (the app's `store` policy, a header that
+    // cannot be stored, a body over the cap) ends the attempt: nothing is stored, the transaction
+    // rolls back, the key stays retryable and the connection goes back to the pool.
+    await attempt.fail(err);
+    return { kind: 'answer', answer: problemResponse(err) };
   }
   try {
-    await attempt.finish({ status: res.status, headers: storedHeaders(cfg as HttpConfig<unknown>, res.headers), body: res.body }, true);
+    await attempt.finish(response, true);
   } catch (err) {
     // Not committed (lease lost), or the commit's fate is unknown (connection lost during COMMIT):
     // the handler's response must not be sent as if it had been stored.

@@ -1,7 +1,7 @@
 // Retention: delete rows past `expires_at`, in batches, without blocking live traffic.
 
+import { inTransaction, type Runner } from '../driver/index.js';
 import { InvalidOptionError, sqlState } from '../errors.js';
-import { inTransaction, type Runner } from '../runner.js';
 import { IdempotencyNotMigratedError } from './errors.js';
 import { checkIdentifier, DEFAULT_SCHEMA, DEFAULT_TABLE, type IdempotencyTableNames } from './schema.js';
 

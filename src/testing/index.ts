@@ -69,11 +69,21 @@ export interface TestDatabase {
 }
 
 /**
- * Create an empty database on the server at `serverUrl` (one per test file, so files never see
- * each other's rows or advisory locks: advisory locks are per database). `drop()` removes it,
- * terminating any connection left open.
+ * Create an empty database on the server at `serverUrl` (default `DATABASE_URL`, which the global
+ * setup sets for every test file) — one per test file, so files never see each other's rows or
+ * advisory locks (advisory locks are per database). `drop()` removes it, terminating any
+ * connection left open: call it after the file (`afterAll(() => db.drop())`), or the database
+ * stays on a server of yours (an embedded one goes away with its server anyway).
+ *
+ * @example
+ * const db = await createTestDatabase();
+ * afterAll(() => db.drop());
  */
-export async function createTestDatabase(serverUrl: string, prefix = 'pgcoord_test'): Promise<TestDatabase> {
+export async function createTestDatabase(serverUrl = process.env.DATABASE_URL, prefix = 'pgcoord_test'): Promise<TestDatabase> {
+  if (!serverUrl)
+    throw new Error(
+      "createTestDatabase needs a server: pass its URL, set DATABASE_URL, or use globalSetup: ['pgcoord/testing/global-setup']",
+    );
   const { default: postgres } = await import('postgres');
   const name = `${prefix}_${randomBytes(6).toString('hex')}`.toLowerCase();
   if (!/^[a-z_][a-z0-9_]{0,62}$/.test(name)) throw new Error(`invalid test database prefix: ${prefix}`);
