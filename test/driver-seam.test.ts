@@ -319,16 +319,21 @@ describe('a pgcoord call in an idempotent handler, its connection killed under i
     it(`rejects with ConnectionLostError, as withLock does (${kind.name})`, async () => {
       await migrateIdempotency(db.sql);
       await kind.use(async (runner) => {
-        for (const via of ['idempotent', 'withLock'] as const) {
+        for (const via of ['idempotent', 'idempotent, own statement', 'withLock'] as const) {
           // the row is locked elsewhere, so the handler's update waits; then its backend is killed
           const blocker = await db.pool.connect();
           await blocker.query('begin');
           await blocker.query('select * from seam_rows where id = 5 for update');
           const refund = (tx: unknown) => guardedUpdate(tx as object, { table: 'seam_rows', key: { id: 5 }, set: { n: 7 }, guard: 'true' });
+          // the handler's own statement through its handle: the driver's raw error reaches the
+          // handler, the caller still gets the typed loss
+          const own = (tx: unknown) => q(tx, 'update seam_rows set n = 7 where id = 5');
           const work =
             via === 'withLock'
               ? withLock(runner, 'untyped', (tx) => refund(tx))
-              : idempotent(runner, { scope: 'seam', key: `untyped-${kind.name}` }, ({ tx }) => refund(tx));
+              : idempotent(runner, { scope: 'seam', key: `untyped-${kind.name}-${via}` }, async ({ tx }) => {
+                  await (via === 'idempotent' ? refund(tx) : own(tx));
+                });
           const outcome = work.catch((e: unknown) => e);
           let pid: number | undefined;
           for (let i = 0; i < 100 && !pid; i++) {
@@ -343,6 +348,25 @@ describe('a pgcoord call in an idempotent handler, its connection killed under i
           expect(err, via).toBeInstanceOf(ConnectionLostError);
         }
       });
+    });
+  }
+});
+
+describe("a plan's writes that fail one after another (node-postgres queries run eagerly)", () => {
+  for (const kind of db.runners.filter((r) => !r.inTx)) {
+    it(`reject with the first failure, the later ones observed, not unhandled (${kind.name})`, async () => {
+      const err = await kind
+        .use((runner) =>
+          withLock(runner, 'failing-writes', {
+            read: () => null,
+            write: (tx: unknown) => [q(tx, 'select 1/0'), q(tx, 'select 1/0'), q(tx, 'select 1/0')],
+          }),
+        )
+        .catch((e: unknown) => e);
+      // 22012 division_by_zero (drizzle wraps it: the SQLSTATE is on its cause)
+      const code = (err as { code?: string }).code ?? (err as { cause?: { code?: string } }).cause?.code;
+      expect(code).toBe('22012');
+      await sleep(50); // a later write's rejection would surface here as an unhandled rejection
     });
   }
 });

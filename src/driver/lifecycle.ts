@@ -279,6 +279,10 @@ export async function commitWith(conn: Conn, writes: unknown): Promise<unknown[]
     for (const w of list) w.execute(); // queued in order, COMMIT right behind
     return conn.commitAfter(list);
   }
+  // Awaited in order, stopping at the first failure. Writes that are already running (node-postgres
+  // queries are eager promises) are observed first: one that fails after an earlier failure stopped
+  // the loop must not become an unhandled rejection (which ends the process).
+  for (const w of list) if (w instanceof Promise) w.catch(() => {});
   const written: unknown[] = [];
   for (const w of list) written.push(await w);
   return written;

@@ -135,7 +135,10 @@ function phasedAttempt<H>(runner: Runner, c: Checked, seen: Seen, token: string)
     },
     async finish(response, store) {
       stop();
-      if (!store) return this.fail(undefined);
+      if (!store) {
+        await this.fail(undefined);
+        return;
+      }
       if (controller.signal.aborted) throw controller.signal.reason;
       const rows = await once({
         text: c.sql.complete,
@@ -144,10 +147,11 @@ function phasedAttempt<H>(runner: Runner, c: Checked, seen: Seen, token: string)
       if (rows.length !== 1)
         throw new IdempotencyLeaseLostError(c.scope, c.key, 'another attempt took the key over before the result was stored');
     },
-    async fail() {
+    async fail(error) {
       stop();
       // Free the key for an immediate retry. If this fails too, the lease expiry frees it later.
       await once({ text: c.sql.release, params: [c.scope, c.key, token] }).catch(() => {});
+      return error;
     },
   };
 }

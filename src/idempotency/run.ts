@@ -52,7 +52,7 @@ import { randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { timeoutStatements } from '../advisory.js';
 import { type Conn, inTransaction, isTransaction, type Row, type Runner, type Statement } from '../driver/index.js';
-import { AbortedError, InvalidOptionError, PgcoordError, sqlState } from '../errors.js';
+import { AbortedError, ConnectionLostError, InvalidOptionError, PgcoordError, sqlState } from '../errors.js';
 import type { HandleOf } from '../handles.js';
 import { describe } from '../text.js';
 import {
@@ -168,8 +168,12 @@ export interface IdempotentAttempt<H> {
    * could not be committed (then nothing was stored).
    */
   finish(response: StoredResponse, store: boolean): Promise<void>;
-  /** End the attempt after an error: nothing is stored and the key stays retryable. Never rejects. */
-  fail(error: unknown): Promise<void>;
+  /**
+   * End the attempt after an error: nothing is stored and the key stays retryable. Never rejects;
+   * resolves to the error to report: `error`, or the transaction's {@link ConnectionLostError}
+   * when its connection died under the handler (the handler then saw the driver's raw error).
+   */
+  fail(error: unknown): Promise<unknown>;
 }
 
 /** The outcome of {@link beginIdempotent}: replay a stored response, or run the work. */
@@ -330,7 +334,10 @@ function openTransactional<H>(runner: Runner, c: Checked, left: number): Promise
               },
               async fail(error) {
                 outcome.resolve({ error });
-                await committed.promise.catch(() => {});
+                return committed.promise.then(
+                  () => error,
+                  (ended) => (ended instanceof ConnectionLostError && !(error instanceof PgcoordError) ? ended : error),
+                );
               },
             },
           });
@@ -508,8 +515,7 @@ async function once<R extends Runner, T>(
       await attempt.finish(stored, true);
       return outcomeOf<T>(c.key, stored, false);
     }
-    await attempt.fail(err);
-    throw err;
+    throw await attempt.fail(err);
   }
   await attempt.finish(response, attempt.decision !== 'retryable');
   return outcomeOf<T>(c.key, response, false);
