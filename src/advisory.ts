@@ -5,7 +5,7 @@ import { publish, watched } from './events.js';
 import type { HandleOf } from './handles.js';
 import { type LockKey, type LockKeyInput, lockKeys } from './keys.js';
 import { describe } from './text.js';
-import { type TraceContext, traced } from './trace.js';
+import { holdSite, type TraceContext, traced, watchHold } from './trace.js';
 
 /** Exclusive (one holder) or shared (many shared holders, no exclusive one). */
 export type LockMode = 'exclusive' | 'shared';
@@ -281,6 +281,8 @@ function run<R extends Runner, T>(
   const release = watched('release');
   const asked = acquire || release || ctx ? performance.now() : 0;
   let granted = 0;
+  const site = holdSite(); // undefined unless hold warnings are on
+  let endHold: (() => void) | undefined;
   const plan = typeof fn === 'function' ? undefined : fn;
   const wait = poolWait(req);
   const outcome = inTransaction<HandleOf<R>, Acquired<T>>(
@@ -305,6 +307,7 @@ function run<R extends Runner, T>(
         ctx.outcome = read === NOT_FREE ? 'not-acquired' : 'acquired';
       }
       if (read === NOT_FREE) return notAcquired;
+      if (site !== undefined) endHold = watchHold('lock', () => req.labels, site);
       if (!plan) {
         const held = {
           get signal() {
@@ -320,6 +323,11 @@ function run<R extends Runner, T>(
   ).catch((err: unknown) => {
     throw wait.timedOut(err);
   });
+  if (site !== undefined)
+    outcome.then(
+      () => endHold?.(),
+      () => endHold?.(),
+    );
   if (ctx)
     outcome.then(
       () => {

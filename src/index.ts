@@ -156,11 +156,14 @@ export {
 export { acquireSessionLock, type SessionLock, type SessionLockOptions, tryAcquireSessionLock } from './session-lock.js';
 export { type InsertWithUpdate, InvalidIdentifierError, type SqlTarget } from './sql-target.js';
 export {
+  type HoldWarning,
+  holdWarningChannel,
   type LostEvent,
   lostChannel,
   TRACE_FAMILIES,
   type TraceContext,
   type TraceFamily,
   traceChannels,
+  warnOnLongHolds,
 } from './trace.js';
 export { type Isolation, type Runner, type TransactionOptions, transaction } from './transaction.js';

@@ -15,7 +15,7 @@ import { InvalidOptionError, LockLostError, LockNotAcquiredError, LockTimeoutErr
 import { publish } from './events.js';
 import type { LockKeyInput } from './keys.js';
 import { describe } from './text.js';
-import { publishLost, traced } from './trace.js';
+import { holdSite, publishLost, traced, watchHold } from './trace.js';
 
 /** Options for a session lock. */
 export interface SessionLockOptions extends LockOptions {
@@ -99,6 +99,7 @@ async function take(
   keys: readonly LockKeyInput[] | LockKeyInput,
   options: SessionLockOptions,
 ): Promise<SessionLock | undefined> {
+  const site = holdSite(); // the caller's stack, while hold warnings are on
   let req = lockRequest(keys, options);
   const keepaliveMs = options.keepaliveMs ?? 5000;
   if (typeof keepaliveMs !== 'number' || !Number.isInteger(keepaliveMs) || keepaliveMs < 0 || keepaliveMs > 2_147_483_647) {
@@ -165,7 +166,7 @@ async function take(
     return undefined;
   }
   event('acquired');
-  return held(pin, req.labels, mode, keepaliveMs, performance.now() - asked);
+  return held(pin, req.labels, mode, keepaliveMs, performance.now() - asked, site);
 }
 
 // Unlock everything this dedicated connection holds and give it back; close it if that fails.
@@ -184,8 +185,16 @@ async function cleanup(pin: PinnedConn, rollbackFirst: boolean): Promise<boolean
   }
 }
 
-function held(pin: PinnedConn, labels: string[], mode: 'exclusive' | 'shared', keepaliveMs: number, waitMs: number): SessionLock {
+function held(
+  pin: PinnedConn,
+  labels: string[],
+  mode: 'exclusive' | 'shared',
+  keepaliveMs: number,
+  waitMs: number,
+  site: string | undefined,
+): SessionLock {
   const controller = new AbortController();
+  const endHold = watchHold('session-lock', () => labels, site);
   const grantedAt = performance.now();
   const label = labels.join(', ');
   let released: Promise<void> | undefined;
@@ -194,6 +203,7 @@ function held(pin: PinnedConn, labels: string[], mode: 'exclusive' | 'shared', k
     if (controller.signal.aborted || released) return;
     controller.abort(new LockLostError(label, { cause }));
     clearTimeout(timer);
+    endHold();
     pin.release(true); // the lock may still be held by a live backend: closing the session frees it
     publish('release', {
       keys: labels,
@@ -236,6 +246,7 @@ function held(pin: PinnedConn, labels: string[], mode: 'exclusive' | 'shared', k
   const release = () => {
     released ??= (async () => {
       clearTimeout(timer);
+      endHold();
       pin.lost.removeEventListener('abort', onLost);
       if (controller.signal.aborted) return;
       const ok = await cleanup(pin, false);
@@ -262,6 +273,7 @@ function held(pin: PinnedConn, labels: string[], mode: 'exclusive' | 'shared', k
   // does for abandoned handles). The registry holds only `abandon`, never the handle.
   abandoned.register(lock, () => {
     clearTimeout(timer);
+    endHold();
     if (!released && !controller.signal.aborted) pin.release(true);
   });
   return lock;

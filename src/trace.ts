@@ -115,7 +115,7 @@ export function publishLost(event: () => LostEvent): void {
 
 /** What pgcoord publishes on `pgcoord:hold-warning` (see {@link warnOnLongHolds}). */
 export interface HoldWarning {
-  kind: 'lock' | 'session-lock' | 'lease';
+  kind: 'lock' | 'session-lock';
   /** The lock's keys or the lease's name (labels). */
   keys: string[];
   /** How long it has been held so far, in ms. */
@@ -133,11 +133,12 @@ let holdThresholdMs: number | undefined;
 const OWN_DIR = dirname(fileURLToPath(import.meta.url));
 
 /**
- * Warn when a transaction lock, a session lock or a lease is held longer than `thresholdMs` (a
- * stuck holder, before it becomes an outage): once per hold, on `pgcoord:hold-warning` with the
+ * Warn when a transaction lock or a session lock is held longer than `thresholdMs` (a stuck
+ * holder, before it becomes an outage): once per hold, on `pgcoord:hold-warning` with the
  * keys and the stack of the call that took it, or, with nobody subscribed, as a process warning
  * (`process.emitWarning`, printed on stderr by default). `undefined` turns it off (the default: the
- * stack is captured only while it is on).
+ * stack is captured only while it is on). Leases are not watched: their TTL already bounds a stuck
+ * holder, and a leader holds one for as long as it leads.
  *
  * @example
  * warnOnLongHolds(30_000);

@@ -8,6 +8,8 @@ import {
   acquireSessionLock,
   enqueue,
   guardedUpdate,
+  type HoldWarning,
+  holdWarningChannel,
   idempotent,
   LeaseLostError,
   type LostEvent,
@@ -25,11 +27,15 @@ import {
   tryWithLock,
   updateVersioned,
   VersionConflictError,
+  warnOnLongHolds,
   withLock,
   withRowLock,
   work,
 } from '../src/index.js';
 import { sleep, useTestDb } from './helpers.js';
+
+// the caller's frame a hold warning must point at (this file)
+const THIS_FILE = 'trace.test.ts';
 
 const db = await useTestDb(8);
 await migrateIdempotency(db.sql);
@@ -165,5 +171,47 @@ describe('diagnostics channels', () => {
     await refund();
     expect(writes.count - traced).toBe(plain);
     expect(ended('withLock')).toBeDefined();
+  });
+
+  it('a lock or session lock held past the threshold is warned once, with its keys and the stack of the call that took it; a short hold is not', async () => {
+    const warnings: HoldWarning[] = [];
+    const onWarning = (w: unknown) => warnings.push(w as HoldWarning);
+    subscribe(holdWarningChannel.name, onWarning);
+    warnOnLongHolds(100);
+    try {
+      await withLock(db.sql, 'order:short', async () => {});
+      await withLock(db.sql, 'order:stuck', () => sleep(350));
+      const lock = await acquireSessionLock(db.sql, 'export:stuck');
+      await sleep(250);
+      await lock.release();
+      await sleep(150); // a released hold never warns late
+      expect(warnings.map((w) => [w.kind, w.keys, w.heldMs])).toEqual([
+        // the keys as every lock event labels them (a string key JSON-quoted)
+        ['lock', ['"order:stuck"'], 100],
+        ['session-lock', ['"export:stuck"'], 100],
+      ]);
+      for (const w of warnings) expect(w.stack.split('\n')[0]).toContain(THIS_FILE);
+    } finally {
+      warnOnLongHolds(undefined);
+      unsubscribe(holdWarningChannel.name, onWarning);
+    }
+    // off: nothing watched
+    await withLock(db.sql, 'order:stuck', () => sleep(150));
+    expect(warnings).toHaveLength(2);
+    // with nobody subscribed: a process warning
+    const emitted: Error[] = [];
+    const onProcessWarning = (w: Error) => emitted.push(w);
+    process.on('warning', onProcessWarning);
+    warnOnLongHolds(50);
+    try {
+      await withLock(db.sql, 'order:stuck', () => sleep(150));
+      await sleep(20);
+    } finally {
+      warnOnLongHolds(undefined);
+      process.off('warning', onProcessWarning);
+    }
+    expect(emitted.map((w) => (w as Error & { code?: string }).code)).toEqual(['PGCOORD_LONG_HOLD']);
+    expect(() => warnOnLongHolds(0)).toThrow(/thresholdMs/);
+    expect(() => warnOnLongHolds(1.5)).toThrow(/thresholdMs/);
   });
 });
