@@ -196,6 +196,35 @@ describe('keyed queue', () => {
     expect(effects.map((e) => e.fence)).toEqual([String(again[0]?.fence)]);
   });
 
+  it("a long fenced transaction on one key does not hold up the renewal of the worker's other keys", async () => {
+    const queue = 'fenced-long';
+    await enqueue(db.sql, queue, 'slow', {});
+    await enqueue(db.sql, queue, 'other', {});
+    const other: Job[] = [];
+    let otherStillHeld: boolean | undefined;
+    let fencedDone = false;
+    const worker = work(
+      db.pool,
+      queue,
+      async (job) => {
+        if (job.key === 'slow') {
+          // holds the key's row FOR SHARE for 1.6 claim TTLs (the renewal used to wait for it)
+          await withJobFence(db.pool, job, () => sleep(1600));
+          fencedDone = true;
+        } else {
+          other.push(job);
+          await sleep(2000); // two TTLs: kept only by renewals
+          otherStillHeld = !job.signal.aborted;
+        }
+      },
+      { concurrency: 2, claimTtlMs: 1000 },
+    );
+    await until(() => otherStillHeld !== undefined && fencedDone, 15_000);
+    await worker.stop();
+    expect(otherStillHeld).toBe(true);
+    expect(other).toHaveLength(1);
+  });
+
   it('an enqueue still open while its key empties: its job runs once it commits; one rolled back leaves nothing', async () => {
     const queue = 'race';
     const ran: number[] = [];

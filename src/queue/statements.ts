@@ -89,13 +89,29 @@ export function failStatement(queue: string, key: string, id: bigint, fence: big
   };
 }
 
-// One statement renews every key a worker holds (a JSON list of key and claim fence).
-const RENEW = `update ${KEYS} kk set ready_at = clock_timestamp() + $3::int * interval '1 millisecond'
-  from jsonb_to_recordset($4::text::jsonb) as c(key text, fence bigint)
-  where kk.queue = $1 and kk.holder = $2::uuid and kk.key = c.key and kk.fence = c.fence
-  returning kk.key`;
+// One statement renews every key a worker holds (a JSON list of key and claim fence). A key's row
+// held FOR SHARE by a fenced transaction (withJobFence: the job's own writes) is skipped, not
+// waited for: waiting would hold up the renewal of every other key the worker holds until that
+// transaction ends, and their claims would lapse. A skipped claim is still current (the final
+// select reads the rows as they were, unlocked) and cannot be taken over while the lock lasts (a
+// takeover must lock the row); it is answered `renewed = false` and tried again at the next beat.
+const RENEW = `with c as (select * from jsonb_to_recordset($4::text::jsonb) as c(key text, fence bigint)),
+  mine as (
+    select kk.key from ${KEYS} kk join c on kk.key = c.key and kk.fence = c.fence
+    where kk.queue = $1 and kk.holder = $2::uuid
+    for no key update of kk skip locked),
+  renewed as (
+    update ${KEYS} kk set ready_at = clock_timestamp() + $3::int * interval '1 millisecond'
+    from mine where kk.queue = $1 and kk.key = mine.key
+    returning kk.key)
+  select kk.key, exists (select 1 from renewed r where r.key = kk.key) as renewed
+  from ${KEYS} kk join c on kk.key = c.key and kk.fence = c.fence
+  where kk.queue = $1 and kk.holder = $2::uuid`;
 
-/** Extend the claims (`[key, fence]`) by `ttlMs` from now: a row per claim still current. */
+/**
+ * Extend the claims (`[key, fence]`) by `ttlMs` from now: a row per claim still current, with
+ * `renewed` false where a fenced transaction holds the key's row (extended at a later beat).
+ */
 export function renewStatement(queue: string, holder: string, ttlMs: number, claims: readonly { key: string; fence: bigint }[]): Statement {
   const list = JSON.stringify(claims.map((c) => ({ key: c.key, fence: String(c.fence) })));
   return { text: RENEW, params: [queue, holder, ttlMs, list] };

@@ -223,7 +223,9 @@ export function work<P = unknown>(runner: Runner, queue: string, handler: (job: 
     claim.timer.unref?.();
   };
 
-  // One statement renews every held key; a key missing from the answer was taken over.
+  // One statement renews every held key; a key missing from the answer was taken over. A key
+  // answered but not renewed is held by the job's own fenced transaction: still ours, its trust
+  // window is left as it is (never extended without the database's word) until a later beat.
   const renew = async () => {
     const held = [...claims.values()].filter((h) => !h.controller.signal.aborted);
     if (held.length === 0) return;
@@ -235,11 +237,12 @@ export function work<P = unknown>(runner: Runner, queue: string, handler: (job: 
       report(queueError(err));
       return; // transient: the trust windows run on; the next beat tries again
     }
-    const renewed = new Set(rows.map((r) => String(r.key)));
+    const current = new Map(rows.map((r) => [String(r.key), r.renewed === true || r.renewed === 't']));
     for (const h of held) {
       if (claims.get(h.key) !== h) continue;
-      if (renewed.has(h.key)) trust(h, sentAt);
-      else lose(h, 'lost');
+      const renewed = current.get(h.key);
+      if (renewed === undefined) lose(h, 'lost');
+      else if (renewed) trust(h, sentAt);
     }
   };
 
