@@ -326,7 +326,7 @@ describe('pgcoord queue on real jobs', { timeout: 180_000 }, () => {
     const retried = await cli(['refunds', 'retry', 'order:retry']);
     expect(retried.code, retried.stderr).toBe(0);
     expect(retried.stdout.trim()).toBe(
-      'queue "refunds" key "order:retry": its dead job will run again (from attempt 1, before the key\'s later jobs)',
+      `queue "refunds" key "order:retry": dead job ${ids['order:retry']?.[0]} will run again (from attempt 1, before the key's later jobs)`,
     );
     const keys = await listQueueKeys(db.sql, 'refunds', { limit: 10 });
     expect(keys.find((k) => k.key === 'order:skip')).toMatchObject({

@@ -125,8 +125,8 @@ export interface QueueActionResult {
   queue: string;
   key: string;
   action: 'retry' | 'skip';
-  /** The skipped job's id (skip only). */
-  jobId?: bigint;
+  /** The id of the job retried or skipped. */
+  jobId: bigint;
 }
 
 // The key's head as it is now, to say why there was nothing to retry or skip.
@@ -156,12 +156,8 @@ async function notDead(runner: Runner, queue: string, key: string, action: 'retr
  * await queueAction(sql, 'refunds', 'retry', 'order:42');
  */
 export async function queueAction(runner: Runner, queue: string, action: 'retry' | 'skip', key: string): Promise<QueueActionResult> {
-  if (action === 'retry') {
-    if (await retryDeadJob(runner, queue, key)) return { queue, key, action };
-  } else {
-    const id = await skipDeadJob(runner, queue, key);
-    if (id !== undefined) return { queue, key, action, jobId: id };
-  }
+  const id = await (action === 'retry' ? retryDeadJob : skipDeadJob)(runner, queue, key);
+  if (id !== undefined) return { queue, key, action, jobId: id };
   throw await notDead(runner, queue, key, action);
 }
 
@@ -169,6 +165,6 @@ export async function queueAction(runner: Runner, queue: string, action: 'retry'
 export function formatQueueAction(result: QueueActionResult): string {
   const what = `queue ${JSON.stringify(result.queue)} key ${JSON.stringify(result.key)}`;
   return result.action === 'retry'
-    ? `${what}: its dead job will run again (from attempt 1, before the key's later jobs)`
+    ? `${what}: dead job ${result.jobId} will run again (from attempt 1, before the key's later jobs)`
     : `${what}: skipped dead job ${result.jobId}; the key goes on with its next job`;
 }

@@ -76,7 +76,7 @@ const KEYS_INFO = `select k.key, k.holder_label, (k.holder is not null and k.rea
 from ${KEYS} k
 cross join lateral (select * from ${JOBS} j where j.queue = k.queue and j.key = k.key order by j.id limit 1) h
 where k.queue = $1 and ($2::boolean is false or h.state = 'dead')
-order by h.enqueued_at limit $3::int`;
+order by h.enqueued_at, k.key limit $3::int`;
 
 function keyInfo(r: Row): QueueKeyInfo {
   const state = r.state === 'dead' ? 'dead' : r.held ? 'running' : r.later ? 'waiting' : 'ready';
@@ -125,15 +125,17 @@ select j.id::text as id, (select count(pg_notify('${QUEUE_CHANNEL}', $1)) from k
 
 /**
  * Run a key's dead job again, from attempt 1, ahead of the key's later jobs (order is kept).
- * Resolves true when the key's head was dead and is now ready, false otherwise.
+ * Resolves the job's id when the key's head was dead and is now ready, undefined otherwise (as
+ * {@link skipDeadJob} does).
  */
-export async function retryDeadJob(runner: Runner, queue: string, key: string): Promise<boolean> {
+export async function retryDeadJob(runner: Runner, queue: string, key: string): Promise<bigint | undefined> {
   checkName(queue, 'queue');
   checkName(key, 'key');
   const rows = await runStatement(runner, { text: RETRY, params: [queue, key] }).catch((err: unknown) => {
     throw queueError(err);
   });
-  return rows.length > 0;
+  const id = rows[0]?.id;
+  return id === null || id === undefined ? undefined : BigInt(String(id));
 }
 
 /**
