@@ -1,7 +1,7 @@
 // `pgcoord locks`: the advisory locks held and awaited in the current database, decoded back to
 // pgcoord's string keys where possible, with holders, waiters and who blocks whom.
 
-import { inTransaction, type Row, type Runner } from '../driver/index.js';
+import { type Conn, inTransaction, type Row, type Runner } from '../driver/index.js';
 import { InvalidOptionError } from '../errors.js';
 import { candidateKeys, type DecodedKey, decodeLockRow, type KeyCandidate } from '../keys.js';
 import { describe } from '../text.js';
@@ -134,11 +134,47 @@ export async function listLocks(runner: Runner, options: ListLocksOptions = {}):
     throw new InvalidOptionError(`names must be an iterable of { namespace?, name }, got ${describe(names)}`);
   const known = names === undefined ? undefined : candidateKeys(names);
   const rows = await inTransaction(runner, { readOnly: true }, async (scope) => {
-    const [[v]] = (await scope.conn.send([{ text: `select current_setting('server_version_num')::int as v` }])) as [Row[]];
+    const [[v]] = (await scope.conn.send([{ text: VERSION_SQL }])) as [Row[]];
     const [found] = await scope.conn.send([{ text: SQL(Number(v?.v) >= 140000) }]);
     return found ?? [];
   });
   return rows.map((r) => toInfo(r, known));
+}
+
+const VERSION_SQL = `select current_setting('server_version_num')::int as v`;
+
+/** One refresh of `pgcoord locks --watch`: the database, its clock, and {@link listLocks}'s rows. */
+export interface LockSnapshot {
+  database: string;
+  /** The database's `now()` when the locks were read (ISO time). */
+  at: string;
+  locks: AdvisoryLockInfo[];
+}
+
+/**
+ * A reader of {@link LockSnapshot}s on one connection (a watch's): what {@link listLocks} reads,
+ * plus the database's name and clock, in one statement (one round trip, autocommit: one statement
+ * is its own snapshot of pg_locks, no BEGIN/COMMIT needed). The server version is asked once, here.
+ */
+export async function lockSnapshots(
+  conn: Conn,
+  names: Iterable<KeyCandidate> = [],
+): Promise<(signal?: AbortSignal) => Promise<LockSnapshot>> {
+  const known = candidateKeys(names);
+  const [[v]] = (await conn.send([{ text: VERSION_SQL }])) as [Row[]];
+  // The left join keeps one row (with null lock columns) when there is no lock, for the clock.
+  const text = `select s.database, s.at, l.* from (select current_database()::text as database, now() as at) s
+left join (${SQL(Number(v?.v) >= 140000)}) l on true
+order by l.granted desc nulls last, l.classid, l.objid, l.objsubid, l.pid`;
+  return async (signal) => {
+    const [rows = []] = await conn.send([{ text }], signal);
+    const first = rows[0];
+    return {
+      database: String(first?.database ?? ''),
+      at: time(first?.at)?.toISOString() ?? new Date().toISOString(),
+      locks: rows.filter((r) => r.pid !== null && r.pid !== undefined).map((r) => toInfo(r, known)),
+    };
+  };
 }
 
 /** A readable table of {@link listLocks}'s result (one line per lock), or a line saying there are none. */
@@ -157,6 +193,62 @@ export function formatLocks(locks: readonly AdvisoryLockInfo[]): string {
       (l.query ?? '').replace(/\s+/g, ' ').slice(0, 60),
     ]),
   );
+}
+
+/** Who waits behind whom: a waiter, then who blocks it, then who blocks that one, ... */
+export interface BlockingChain {
+  /** Pids from the waiter at the end of the chain to the session that holds up everyone in it. */
+  pids: number[];
+  /** What each pid but the last waits for (its key's label) and for how long. */
+  waits: { pid: number; label: string; forMs: number | null }[];
+}
+
+/**
+ * The blocking chains in {@link listLocks}'s result: one per path from a waiter nobody waits
+ * behind, through `blockedBy`, to a session that waits for nothing here (or back into a cycle).
+ */
+export function blockingChains(locks: readonly AdvisoryLockInfo[]): BlockingChain[] {
+  const waiting = new Map<number, AdvisoryLockInfo>();
+  for (const l of locks) if (l.status === 'waiting') waiting.set(l.pid, l); // a session waits for one lock at a time
+  const blocking = new Set(locks.flatMap((l) => l.blockedBy));
+  const chains: BlockingChain[] = [];
+  const covered = new Set<number>();
+  const walk = (path: number[]) => {
+    if (chains.length >= 100) return;
+    const last = path[path.length - 1] as number;
+    const wait = waiting.get(last);
+    const next = wait?.blockedBy.filter((p) => !path.includes(p)) ?? [];
+    if (next.length === 0) {
+      for (const p of path) covered.add(p);
+      chains.push({
+        pids: path,
+        waits: path.flatMap((p) => {
+          const w = waiting.get(p);
+          return w ? [{ pid: p, label: w.label, forMs: w.forMs }] : [];
+        }),
+      });
+      return;
+    }
+    for (const p of next) walk([...path, p]);
+  };
+  for (const pid of waiting.keys()) if (!blocking.has(pid)) walk([pid]);
+  for (const pid of waiting.keys()) if (!covered.has(pid)) walk([pid]); // a cycle: every waiter blocks another
+  return chains;
+}
+
+/** {@link blockingChains} as lines `waiter ← holder ← ...`, with what each waits for; empty when nobody waits. */
+export function formatChains(locks: readonly AdvisoryLockInfo[]): string {
+  const chains = blockingChains(locks);
+  if (chains.length === 0) return 'no blocking chains: nobody waits';
+  const apps = new Map(locks.map((l) => [l.pid, l.applicationName]));
+  const who = (pid: number) => (apps.get(pid) ? `${pid} (${apps.get(pid)})` : String(pid));
+  return [
+    'blocking chains (waiter ← holder):',
+    ...chains.map(
+      (c) =>
+        `  ${c.pids.map(who).join(' ← ')}   ${c.waits.map((w) => `${w.pid} waits ${w.forMs === null ? '' : `${duration(w.forMs)} `}for ${w.label}`).join('; ')}`,
+    ),
+  ].join('\n');
 }
 
 /** Candidates from `--names` values and `--namespace` values: every name alone and under each namespace. */

@@ -17,6 +17,7 @@ import { formatLeases, leasesJson, listLeases } from './leases.js';
 import { candidates, formatLocks, listLocks } from './locks.js';
 import { purgeWithProgress } from './purge.js';
 import { checkQueueArgument, describeQueue, formatQueueAction, formatQueueStats, queueAction, queueKeysJson } from './queue.js';
+import { watchLocks } from './watch.js';
 
 interface Io {
   out(text: string): void;
@@ -43,6 +44,14 @@ function keyLimit(value: string): number {
   const n = positiveInt(value);
   if (n > 100_000) throw new InvalidArgumentError('expected at most 100000');
   return n;
+}
+
+/** `--watch [seconds]`: a number of seconds from 0.1 to 3600, as milliseconds. */
+function watchSeconds(value: string): number {
+  const s = Number(value);
+  if (!/^\d*\.?\d+$/.test(value.trim()) || !Number.isFinite(s) || s < 0.1 || s > 3600)
+    throw new InvalidArgumentError('expected a number of seconds from 0.1 to 3600');
+  return Math.round(s * 1000);
 }
 
 const examples = (lines: string[]) => `\nExamples:\n${lines.map((l) => `  $ ${l}`).join('\n')}\n`;
@@ -123,13 +132,21 @@ function build(io: Io, exit: (code: number) => void): Command {
     .option('--names <names...>', 'candidate key strings to decode hashed keys (keys pgcoord made from strings)')
     .option('--namespace <namespaces...>', 'namespaces the candidate names may be under')
     .option('--names-file <file>', 'file with one candidate key string per line')
-    .option('--json', 'print the locks as JSON')
+    .option('--json', 'print the locks as JSON (with --watch: one JSON document per line per refresh)')
+    .addOption(
+      new Option('--watch [seconds]', 'refresh every <seconds> (0.1 to 3600, default 2) until Ctrl-C, with the blocking chains')
+        .preset('2')
+        .argParser(watchSeconds),
+    )
+    .option('--count <n>', 'with --watch: stop after n refreshes', positiveInt)
     .addHelpText(
       'after',
       examples([
         'pgcoord locks',
         'pgcoord locks --names order:42 order:43 --namespace refunds',
         'pgcoord locks --names-file keys.txt --json | jq ".[] | select(.status == \\"waiting\\")"',
+        'pgcoord locks --watch                 # top-like: holders, waiters, who blocks whom, every 2s',
+        'pgcoord locks --watch 0.5 --json | jq -c "{at, held, waiting}"',
       ]),
     )
     .action(async (opts, cmd: Command) => {
@@ -141,7 +158,37 @@ function build(io: Io, exit: (code: number) => void): Command {
           throw new CliUsageError(`cannot read --names-file ${opts.namesFile}: ${(err as Error).message}`);
         }
       }
+      if (opts.count !== undefined && opts.watch === undefined)
+        throw new CliUsageError('--count is the number of --watch refreshes: pgcoord locks --watch --count <n>');
       const conn = await openConnection(connectionUrl(cmd.optsWithGlobals().url), 1);
+      if (opts.watch !== undefined) {
+        // Ctrl-C, SIGTERM, or a reader gone (`| head`) end the watch; the connection is closed, exit 0.
+        const stop = new AbortController();
+        const onStop = () => stop.abort();
+        process.once('SIGINT', onStop);
+        process.once('SIGTERM', onStop);
+        process.stdout.once('error', onStop);
+        try {
+          await watchLocks(conn, {
+            intervalMs: opts.watch,
+            count: opts.count,
+            json: opts.json === true,
+            tty: process.stdout.isTTY === true,
+            names: candidates(names, opts.namespace ?? []),
+            write: (text) => {
+              if (!stop.signal.aborted) io.out(text);
+            },
+            signal: stop.signal,
+          });
+        } finally {
+          process.off('SIGINT', onStop);
+          process.off('SIGTERM', onStop);
+          process.stdout.off('error', onStop);
+          await conn.close();
+        }
+        exit(0);
+        return;
+      }
       try {
         const locks = await listLocks(conn.runner, { names: candidates(names, opts.namespace ?? []) });
         io.out(opts.json ? JSON.stringify(locks, (_k, v) => (typeof v === 'bigint' ? String(v) : v), 2) : formatLocks(locks));
