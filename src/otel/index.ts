@@ -1,0 +1,1 @@
+export { type Instrumentation, type InstrumentOptions, instrumentPgcoord, type KeyAttribute } from './instrument.js';
