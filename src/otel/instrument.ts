@@ -6,6 +6,9 @@
 // email in a lease name, an order id). 'hash' exports a SHA-256 prefix, a function exports what it
 // returns (a key's kind, say). Error messages name keys too, so a span's status carries the error's
 // code, never its message.
+//
+// pgcoord:hold-warning is left alone: with a subscriber there, pgcoord stops printing its process
+// warning, and instrumenting must change nothing else.
 
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { createHash } from 'node:crypto';
@@ -83,8 +86,8 @@ const BAD_INPUT = new Set([
  * - `pgcoord.lock.wait.duration` (histogram, s): asking for a lock to the answer; `pgcoord.lock.kind`
  *   (`advisory` / `session` / `row` / `lease`) and `pgcoord.outcome` (`acquired` / `contended` /
  *   `timeout` / `aborted` / `error`).
- * - `pgcoord.lock.hold.duration` (histogram, s): a transaction lock from the grant to its end;
- *   `error.type` when the work under it failed.
+ * - `pgcoord.lock.hold.duration` (histogram, s): a transaction lock (`withLock`, `tryWithLock`)
+ *   from the grant to the end of the work under it; `error.type` when that work failed.
  * - `pgcoord.retries` (counter): attempts that failed and were retried; `pgcoord.retry.reason`.
  * - `pgcoord.write.conflicts` (counter): a version conflict or a failed guard; `pgcoord.conflict.kind`
  *   (`version` / `guard`).
@@ -104,6 +107,8 @@ const BAD_INPUT = new Set([
  * `process`). Spans have the same attributes, status ERROR with the error's type (never its
  * message: messages name keys), and nest inside the pgcoord operation that runs them. Calls
  * refused for bad input (`PGCOORD_INVALID_*`) appear only in `pgcoord.operation.duration`.
+ * Prometheus (`@opentelemetry/exporter-prometheus`) shows them as `pgcoord_lock_wait_duration_bucket`,
+ * `pgcoord_retries_total`, ... with dots in attribute names as underscores.
  *
  * @throws {@link InvalidOptionError} for bad options, before anything is subscribed.
  * @example
@@ -121,7 +126,7 @@ export function instrumentPgcoord(options: InstrumentOptions = {}): Instrumentat
   const m = {
     duration: histogram('pgcoord.operation.duration', 'Duration of pgcoord operations'),
     wait: histogram('pgcoord.lock.wait.duration', 'Time from asking for a lock (advisory, session, row, lease) to the answer'),
-    hold: histogram('pgcoord.lock.hold.duration', 'Time a transaction lock was held, from the grant to the end of its transaction'),
+    hold: histogram('pgcoord.lock.hold.duration', 'Time a transaction lock was held: from the grant to the end of the work under it'),
     retries: meter.createCounter('pgcoord.retries', { unit: '{retry}', description: 'Failed attempts that were retried' }),
     conflicts: meter.createCounter('pgcoord.write.conflicts', {
       unit: '{conflict}',
