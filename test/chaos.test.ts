@@ -1,0 +1,86 @@
+// `npm run chaos` in short (chaos/run.ts, as a child process, on a PostgreSQL of its own so that its
+// restart disturbs no other file): every strategy on every runner in two worker processes under
+// backend terminations, connection cuts, holder pauses, a worker kill and one crash restart; the
+// run's checker finds no anomaly, and the faults did happen. PGCOORD_CHAOS_SECONDS sets the length.
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { expect, it } from 'vitest';
+import type { Cell } from '../chaos/check.js';
+
+const SECONDS = Number(process.env.PGCOORD_CHAOS_SECONDS ?? 20);
+const root = fileURLToPath(new URL('..', import.meta.url));
+
+interface Summary {
+  seed: number;
+  anomalies: number;
+  anomalyList: unknown[];
+  attempts: number;
+  workerProcesses: number;
+  faults: Record<string, number>;
+  cells: Cell[];
+}
+
+function runChaos(): Promise<{ code: number | null; out: string; err: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', 'chaos/run.ts', '--seconds', String(SECONDS), '--processes', '2', '--json'], {
+      cwd: root,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (d) => {
+      out += d;
+    });
+    child.stderr.on('data', (d) => {
+      err += d;
+    });
+    // SIGINT: the run stops its server and its workers on the way out
+    const timer = setTimeout(() => child.kill('SIGINT'), (SECONDS + 120) * 1000);
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, out, err });
+    });
+  });
+}
+
+it(
+  `chaos run (${SECONDS} s, 2 processes): no over-refund, nothing acknowledged missing, no duplicate effect, typed errors only; faults injected`,
+  async () => {
+    const { code, out, err } = await runChaos();
+    const json = out.split('\n').filter((l) => l.startsWith('{'));
+    expect(json.length, `${out}\n${err}`).toBe(1);
+    const s = JSON.parse(json[0]!) as Summary;
+    const detail = `${out}\n${err}`;
+    expect(s.anomalyList, detail).toEqual([]);
+    expect(code, detail).toBe(0);
+    // every strategy on every runner ran, and the outcomes were mixed
+    expect(s.cells.length, detail).toBe(36);
+    for (const c of s.cells) expect(c.applied, `${c.strategy} × ${c.runner}`).toBeGreaterThan(0);
+    const sum = (f: (c: Cell) => number) => s.cells.reduce((n, c) => n + f(c), 0);
+    expect(
+      sum((c) => c.refused),
+      detail,
+    ).toBeGreaterThan(0);
+    expect(
+      sum((c) => c.replayed),
+      detail,
+    ).toBeGreaterThan(0);
+    expect(
+      sum((c) => c.errors.CONNECTION_LOST ?? 0),
+      detail,
+    ).toBeGreaterThan(0);
+    // the faults happened
+    const f = s.faults;
+    expect(f.terminate ?? 0, detail).toBeGreaterThan(0);
+    expect(f.pause ?? 0, detail).toBeGreaterThan(0);
+    expect(f.kill ?? 0, detail).toBeGreaterThan(0);
+    expect(f.restart, detail).toBe(1);
+    const cuts = ['drop-all', 'commit-answer-lost', 'commit-never-sent', 'statement-answer-lost', 'statement-never-sent', 'stall'];
+    expect(
+      cuts.reduce((n, k) => n + (f[k] ?? 0), 0),
+      detail,
+    ).toBeGreaterThan(0);
+    expect(s.workerProcesses, detail).toBeGreaterThan(2); // a killed worker was respawned
+  },
+  (SECONDS + 150) * 1000,
+);
