@@ -65,6 +65,9 @@ export function statementsFor(names: IdempotencyTableNames): Sql {
     // When nothing is claimed, the second branch returns the existing row in the same round trip.
     // It reads with the statement's snapshot, which may predate a row the INSERT waited for: then
     // no row comes back at all and the caller simply claims again (a new statement, a new snapshot).
+    // A snapshot row past its retention is not answered either: the INSERT found it claimable, so
+    // when nothing was claimed a concurrent call took the key over meanwhile, and the expired
+    // result is not an answer any more (the caller claims again and sees the new attempt).
     claim: `with claimed as (
   insert into ${t} as t (scope, key, fingerprint, fingerprint_version, state, lease_token, lease_expires_at, expires_at)
   values ($1, $2, $3::bytea, $4::int2, 'running', $5::uuid,
@@ -92,7 +95,7 @@ select * from claimed
 union all
 select false, ${ANSWER},
   coalesce(extract(epoch from (lease_expires_at - clock_timestamp())) * 1000, 0)::float8
-from ${t} where scope = $1 and key = $2 and not exists (select 1 from claimed)`,
+from ${t} where scope = $1 and key = $2 and expires_at > statement_timestamp() and not exists (select 1 from claimed)`,
     // $1 scope, $2 key, $3 lease token, $4 phase, $5 phase result (JSON text), $6 lease ms.
     // Sent last in the phase's own transaction, after the phase's statements and with COMMIT: it
     // commits the phase's writes and its recovery point together, and only if this attempt still
