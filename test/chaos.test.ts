@@ -2,10 +2,12 @@
 // restart disturbs no other file): every strategy on every runner in two worker processes under
 // backend terminations, connection cuts, holder pauses, a worker kill and one crash restart; the
 // run's checker finds no anomaly, and the faults did happen. PGCOORD_CHAOS_SECONDS sets the length.
+// First, the checker itself on a made-up history: each broken promise is flagged (it is not blind).
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { expect, it } from 'vitest';
-import type { Cell } from '../chaos/check.js';
+import { type Cell, check } from '../chaos/check.js';
+import type { EndLine, Line } from '../chaos/history.js';
 
 const SECONDS = Number(process.env.PGCOORD_CHAOS_SECONDS ?? 20);
 const root = fileURLToPath(new URL('..', import.meta.url));
@@ -84,3 +86,84 @@ it(
   },
   (SECONDS + 150) * 1000,
 );
+
+it('the checker flags every kind of anomaly in a made-up history, and passes an honest one', () => {
+  const start = (req: string, att = 1, order = 1, amount = 10): Line => ({
+    k: 's',
+    req,
+    att,
+    strategy: 'withLock',
+    runner: 'pg',
+    order,
+    amount,
+    pid: 1,
+  });
+  const end = (req: string, out: 'applied' | 'refused' | 'error', code?: string, att = 1): EndLine => ({
+    k: 'e',
+    req,
+    att,
+    out,
+    ms: 1,
+    ...(code ? { code } : {}),
+  });
+  const row = (request_id: string, order_id = 1, amount = 10) => ({ request_id, order_id, amount, strategy: 'withLock' });
+  const honest: Line[] = [
+    start('ok'),
+    end('ok', 'applied'),
+    start('no'),
+    end('no', 'refused'),
+    start('lost'),
+    end('lost', 'error', 'PGCOORD_CONNECTION_LOST'),
+    start('unknown'),
+    end('unknown', 'error', 'PGCOORD_COMMIT_UNKNOWN'),
+    start('killed'), // in flight at a kill: either way
+    start('key'),
+    end('key', 'error', 'PGCOORD_COMMIT_UNKNOWN'),
+    start('key', 2),
+    { ...end('key', 'applied', undefined, 2), rep: true },
+  ];
+  const fine = check(honest, [row('ok'), row('unknown'), row('killed'), row('key')], [{ id: 1, total: 100, refunded: 40 }]);
+  expect(fine.anomalies).toEqual([]);
+  expect(fine.cells[0]).toMatchObject({ ops: 7, applied: 2, refused: 1, replayed: 1, open: 1 });
+
+  const broken: Line[] = [
+    start('missing'),
+    end('missing', 'applied'),
+    start('twice'),
+    end('twice', 'applied'),
+    start('lost'),
+    end('lost', 'error', 'PGCOORD_CONNECTION_LOST'),
+    start('refused'),
+    end('refused', 'refused'),
+    start('disagree'),
+    end('disagree', 'applied'),
+    start('disagree', 2),
+    end('disagree', 'refused', undefined, 2),
+    start('raw'),
+    end('raw', 'error', 'UNTYPED:Error:ECONNRESET'),
+    start('hang'),
+    end('hang', 'error', 'STUCK'),
+    start('moved', 1, 1, 10),
+    end('moved', 'applied'),
+  ];
+  const rows = [row('twice'), row('twice'), row('lost'), row('refused'), row('disagree'), row('moved', 2, 10), row('ghost')];
+  const { anomalies } = check(broken, rows, [
+    { id: 1, total: 50, refunded: 60 },
+    { id: 2, total: 100, refunded: 0 },
+  ]);
+  expect(new Set(anomalies.map((a) => a.kind))).toEqual(
+    new Set([
+      'acked missing',
+      'duplicate effect',
+      'lost but committed',
+      'refused but committed',
+      'replay disagrees',
+      'untyped error',
+      'stuck',
+      'wrong row',
+      'phantom',
+      'over-refund',
+      'torn order',
+    ]),
+  );
+});
