@@ -171,7 +171,7 @@ function spawnWorker(id: number, gen: number, url: string): Slot {
 let exitCode = 2;
 try {
   say(`seed ${SEED}; ${SECONDS} s, ${PROCESSES} processes × ${LANES} lanes, ${STRATEGIES.length} strategies × ${RUNNERS.length} runners`);
-  if (args.url) say('--url given: the PostgreSQL restart is skipped (only a server of the run its own is restarted)');
+  if (args.url) say('--url given: the PostgreSQL restart is skipped (only a server the run started itself is restarted)');
   else {
     server = await startEmbeddedPostgres({ settings: { max_connections: '400' } });
     say(`embedded PostgreSQL at ${server.url}`);
