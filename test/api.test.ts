@@ -4,7 +4,9 @@
 import { sql as dsql } from 'drizzle-orm';
 import { drizzle } from 'drizzle-orm/postgres-js';
 import { describe, expect, it } from 'vitest';
+import * as cli from '../src/cli/api.js';
 import * as api from '../src/index.js';
+import * as otel from '../src/otel/index.js';
 import * as testing from '../src/testing/index.js';
 import { useTestDb } from './helpers.js';
 
@@ -15,8 +17,6 @@ describe('public API', () => {
     expect(Object.keys(api).sort()).toMatchInlineSnapshot(`
       [
         "AbortedError",
-        "CliFailedError",
-        "CliUsageError",
         "CommitUnknownError",
         "ConnectionLostError",
         "DeadlockError",
@@ -70,13 +70,8 @@ describe('public API', () => {
         "acquireSessionLock",
         "claim",
         "decodeLockRow",
-        "doctor",
         "enqueue",
         "flightValues",
-        "formatDoctor",
-        "formatLeases",
-        "formatLocks",
-        "generateMigration",
         "guardedUpdate",
         "hashKey",
         "holdWarningChannel",
@@ -88,7 +83,6 @@ describe('public API', () => {
         "idempotencySql",
         "idempotencyTable",
         "idempotent",
-        "isCockroachVersion",
         "isConnectionLost",
         "isLeaseLost",
         "leader",
@@ -98,8 +92,6 @@ describe('public API', () => {
         "leases",
         "limit",
         "limitSql",
-        "listLeases",
-        "listLocks",
         "listQueueKeys",
         "lockChannels",
         "lockKey",
@@ -113,7 +105,6 @@ describe('public API', () => {
         "parseIdempotencyKey",
         "phaseKey",
         "purgeExpired",
-        "purgeWithProgress",
         "queueFence",
         "queueJobId",
         "queueJobs",
@@ -151,6 +142,31 @@ describe('public API', () => {
         "withPermit",
         "withRowLock",
         "work",
+      ]
+    `);
+    expect(Object.keys(cli).sort()).toMatchInlineSnapshot(`
+      [
+        "CliFailedError",
+        "CliUsageError",
+        "checkQueueArgument",
+        "doctor",
+        "formatDoctor",
+        "formatLeases",
+        "formatLocks",
+        "formatQueueAction",
+        "formatQueueKeys",
+        "formatQueueStats",
+        "generateMigration",
+        "isCockroachVersion",
+        "listLeases",
+        "listLocks",
+        "purgeWithProgress",
+        "queueAction",
+      ]
+    `);
+    expect(Object.keys(otel).sort()).toMatchInlineSnapshot(`
+      [
+        "instrumentPgcoord",
       ]
     `);
     expect(Object.keys(testing).sort()).toMatchInlineSnapshot(`

@@ -7,20 +7,17 @@ import { eq } from 'drizzle-orm';
 import { integer, pgTable, text } from 'drizzle-orm/pg-core';
 import { drizzle } from 'drizzle-orm/postgres-js';
 import { beforeAll, describe, expect, it } from 'vitest';
+import { CliUsageError, generateMigration, listLocks, purgeWithProgress } from '../src/cli/api.js';
 import {
   AbortedError,
   acquireSessionLock,
-  CliUsageError,
   claim,
-  generateMigration,
   guardedUpdate,
   InvalidIdentifierError,
   InvalidKeyError,
   InvalidOptionError,
-  listLocks,
   lockRows,
   type PgcoordError,
-  purgeWithProgress,
   retry,
   transactionWithRetry,
   updateVersioned,

@@ -6,7 +6,8 @@ import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { doctor as doctorApi, InvalidOptionError, isCockroachVersion, migrateIdempotency } from '../src/index.js';
+import { doctor as doctorApi, isCockroachVersion } from '../src/cli/api.js';
+import { InvalidOptionError, migrateIdempotency } from '../src/index.js';
 import { type EmbeddedServer, startEmbeddedPostgres } from '../src/testing/index.js';
 import { ROOT, runCli } from './fixtures/cli-run.js';
 import { PGBOUNCER_MISSING, pgbouncerSuite, startPgBouncer } from './fixtures/pgbouncer.js';

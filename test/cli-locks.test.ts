@@ -1,7 +1,8 @@
 // `pgcoord locks` through the real CLI: a lock held by another connection, decoded to its string
 // key and namespace, and a waiter blocked by it (pg_blocking_pids), as JSON and as a table.
 import { afterAll, describe, expect, it } from 'vitest';
-import { hashKey, listLocks } from '../src/index.js';
+import { listLocks } from '../src/cli/api.js';
+import { hashKey } from '../src/index.js';
 import { runCli } from './fixtures/cli-run.js';
 import { sleep, useTestDb } from './helpers.js';
 

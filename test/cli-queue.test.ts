@@ -6,19 +6,9 @@
 // refused with exit 2 before any connection, and the typed error before migrateQueue(). Each CLI
 // run is a process of its own (tsx start-up): the cases get minutes, for a loaded host.
 import { afterAll, describe, expect, it } from 'vitest';
-import { checkQueueArgument, formatQueueKeys, formatQueueStats } from '../src/cli/api.js';
+import { CliUsageError, checkQueueArgument, formatQueueKeys, formatQueueStats } from '../src/cli/api.js';
 import { main } from '../src/cli/main.js';
-import {
-  CliUsageError,
-  enqueue,
-  type Job,
-  listQueueKeys,
-  migrateQueue,
-  QueueNotMigratedError,
-  queueStats,
-  type Worker,
-  work,
-} from '../src/index.js';
+import { enqueue, type Job, listQueueKeys, migrateQueue, QueueNotMigratedError, queueStats, type Worker, work } from '../src/index.js';
 import { runCli } from './fixtures/cli-run.js';
 import { sleep, useTestDb } from './helpers.js';
 

@@ -15,11 +15,11 @@
 // which is what an app can do until the fix, so the rest of pgcoord is still tested through pg.
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { doctor } from '../src/cli/api.js';
 import {
   acquireLease,
   acquireSessionLock,
   ConnectionLostError,
-  doctor,
   guardedUpdate,
   idempotent,
   LeaseLostError,

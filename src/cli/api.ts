@@ -1,4 +1,5 @@
-// What the `pgcoord` command does, as functions for code (re-exported from the package root).
+// pgcoord/cli: what the `pgcoord` command does, as functions for code (doctor, generate, locks, leases,
+// purge, queue). Kept out of the main entry: a service needs none of it to coordinate.
 
 export { type DoctorFinding, type DoctorOptions, type DoctorReport, doctor, formatDoctor, isCockroachVersion } from './doctor.js';
 export { CliFailedError, CliUsageError } from './errors.js';
