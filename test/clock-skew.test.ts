@@ -12,16 +12,13 @@
 // pgcoord uses them only for local windows (a lease's trust window counted from when its statement
 // was sent, a wait's deadline), never to decide an expiry.
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, symlinkSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { build } from 'esbuild';
 import { afterAll, describe, expect, it } from 'vitest';
 import { migrate as migrateIdempotency } from '../src/idempotency/migrate.js';
 import { idempotent } from '../src/idempotency/run.js';
 import { migrateLeases } from '../src/lease/migrate.js';
 import { migrateLimits } from '../src/limit/migrate.js';
+import { bundleFixtures } from './fixtures/bundle.js';
 import { sleep, useTestDb } from './helpers.js';
 
 const db = await useTestDb(2);
@@ -70,23 +67,10 @@ create table idem_calls (call_id uuid primary key, key text not null, pid int no
 create table idem_purges (pid int not null, skew int not null, t0 timestamptz not null, t1 timestamptz not null, deleted int not null);
 `);
 
-// The fixtures bundled once (esbuild, as test/lease-chaos.test.ts does: tsx start-ups are slow on
-// 2 cores), the drivers external: the bundle's folder links the repository's node_modules.
+// The fixtures bundled once (test/fixtures/bundle.ts: tsx start-ups are slow on 2 cores).
 const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url));
-const buildDir = mkdtempSync(join(tmpdir(), 'pgcoord-clock-skew-'));
-afterAll(() => rmSync(buildDir, { recursive: true, force: true }));
-symlinkSync(fileURLToPath(new URL('../node_modules', import.meta.url)), join(buildDir, 'node_modules'), 'dir');
-await build({
-  entryPoints: ['skew-lease', 'skew-limit', 'skew-idempotency'].map((name) => ({ in: fixture(`${name}.ts`), out: name })),
-  bundle: true,
-  platform: 'node',
-  format: 'esm',
-  target: 'node20',
-  packages: 'external',
-  outdir: buildDir,
-  outExtension: { '.js': '.mjs' },
-  logLevel: 'warning',
-});
+const bundle = await bundleFixtures('clock-skew', ['skew-lease', 'skew-limit', 'skew-idempotency']);
+afterAll(() => bundle.remove());
 const preload = pathToFileURL(fixture('skew-clock.mjs')).href;
 
 const live = new Set<ChildProcess>();
@@ -112,14 +96,10 @@ interface Child {
 
 /** Start a bundled fixture with its wall clock off by `skewMs`. */
 function start(script: string, skewMs: number, config: object, timeoutMs = 40_000): Child {
-  const child = spawn(
-    process.execPath,
-    ['--import', preload, join(buildDir, `${script}.mjs`), JSON.stringify({ url: db.url, skewMs, ...config })],
-    {
-      env: { ...process.env, PGCOORD_FAKE_SKEW_MS: String(skewMs) },
-      stdio: ['ignore', 'pipe', 'pipe'],
-    },
-  );
+  const child = spawn(process.execPath, ['--import', preload, bundle.script(script), JSON.stringify({ url: db.url, skewMs, ...config })], {
+    env: { ...process.env, PGCOORD_FAKE_SKEW_MS: String(skewMs) },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   live.add(child);
   const events: Ev[] = [];
   let out = '';

@@ -5,16 +5,12 @@
 // backends, SIGKILL (and a respawn), SIGSTOP for longer than the TTL (then SIGCONT).
 //
 // PGCOORD_CHAOS_SECONDS sets how long the fence race runs (default 12; 30 for a longer soak).
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { build } from 'esbuild';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { afterAll, describe, expect, it } from 'vitest';
 import { migrateLeases } from '../src/lease/migrate.js';
+import { bundleFixtures } from './fixtures/bundle.js';
 import { sleep, useTestDb } from './helpers.js';
-import { PGJS_MAJOR, PGJS_PACKAGE } from './pgjs.js';
+import { PGJS_MAJOR } from './pgjs.js';
 
 const db = await useTestDb(2);
 await migrateLeases(db.sql);
@@ -49,40 +45,9 @@ interface Proc {
   status?: string;
 }
 
-const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url));
-
-// The fixtures bundled once (esbuild, as bench/ is): through tsx, 8 processes starting at once on
-// 2 cores took three times as long. The drivers stay external; the bundle's folder links the
-// repository's node_modules so they resolve as from test/fixtures (the driver under test included).
-// On postgres.js 3.4 the workers run it with pgcoord's patch applied (as test/faults.test.ts does):
-// unpatched, a terminated backend can end the process (README, driver section), which is not what
-// this file tests.
-const buildDir = mkdtempSync(join(tmpdir(), 'pgcoord-lease-chaos-'));
-afterAll(() => rmSync(buildDir, { recursive: true, force: true }));
-const modules = fileURLToPath(new URL('../node_modules', import.meta.url));
-if (PGJS_MAJOR === 3) {
-  const pkgDir = fileURLToPath(new URL(`../${PGJS_PACKAGE}`, import.meta.url));
-  const version = (JSON.parse(readFileSync(join(pkgDir, 'package.json'), 'utf8')) as { version: string }).version;
-  cpSync(pkgDir, join(buildDir, 'patched/node_modules/postgres'), { recursive: true });
-  const patch = fileURLToPath(new URL(`../patches/postgres+${version}.patch`, import.meta.url));
-  execFileSync('git', ['apply', patch], { cwd: join(buildDir, 'patched') });
-  mkdirSync(join(buildDir, 'node_modules'));
-  for (const entry of readdirSync(modules)) {
-    const target = entry === 'postgres3' ? join(buildDir, 'patched/node_modules/postgres') : join(modules, entry);
-    symlinkSync(target, join(buildDir, 'node_modules', entry), 'dir');
-  }
-} else symlinkSync(modules, join(buildDir, 'node_modules'), 'dir');
-await build({
-  entryPoints: ['lease-worker', 'lease-leader'].map((name) => ({ in: fixture(`${name}.ts`), out: name })),
-  bundle: true,
-  platform: 'node',
-  format: 'esm',
-  target: 'node20',
-  packages: 'external',
-  outdir: buildDir,
-  outExtension: { '.js': '.mjs' },
-  logLevel: 'warning',
-});
+// The fixtures bundled once (test/fixtures/bundle.ts), on postgres.js 3.4 with pgcoord's patch.
+const bundle = await bundleFixtures('lease-chaos', ['lease-worker', 'lease-leader'], { patchedPgjs3: true });
+afterAll(() => bundle.remove());
 
 // Every child ever started; killed (after a SIGCONT, should it be stopped) when the file ends,
 // also after a failure, and when this process exits.
@@ -101,7 +66,7 @@ afterAll(async () => {
 });
 
 function start(script: string, id: number, config: object, events: Ev[]): Proc {
-  const child = spawn(process.execPath, [join(buildDir, `${script}.mjs`), JSON.stringify({ ...config, id })], {
+  const child = spawn(process.execPath, [bundle.script(script), JSON.stringify({ ...config, id })], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   live.add(child);

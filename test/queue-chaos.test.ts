@@ -17,18 +17,14 @@
 // loaded 2-core host; PGCOORD_QUEUE_CHAOS_JOBS=<n> sets it, and PGCOORD_CHAOS_SECONDS (the soak
 // switch of the other chaos tests) runs the full FULL_JOBS. PGCOORD_QUEUE_CHAOS_LOG=<file> appends a
 // progress line (applied, queued, held keys, faults, processes) about twice a second while faults run.
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { appendFileSync, cpSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { build } from 'esbuild';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { appendFileSync } from 'node:fs';
 import pg from 'pg';
 import { afterAll, describe, expect, it } from 'vitest';
 import { listQueueKeys, migrateQueue, queueStats } from '../src/index.js';
 import { type EmbeddedServer, startEmbeddedPostgres } from '../src/testing/embedded.js';
+import { bundleFixtures } from './fixtures/bundle.js';
 import { sleep } from './helpers.js';
-import { PGJS_MAJOR, PGJS_PACKAGE } from './pgjs.js';
 
 const KEYS = 500;
 const FULL_JOBS = 50_000;
@@ -68,36 +64,9 @@ interface Proc {
   status?: string;
 }
 
-const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url));
-
-// The fixtures bundled once with esbuild, as in test/lease-chaos.test.ts (drivers external, the
-// repository's node_modules linked; on postgres.js 3.4, its copy with pgcoord's patch applied).
-const buildDir = mkdtempSync(join(tmpdir(), 'pgcoord-queue-chaos-'));
-afterAll(() => rmSync(buildDir, { recursive: true, force: true }));
-const modules = fileURLToPath(new URL('../node_modules', import.meta.url));
-if (PGJS_MAJOR === 3) {
-  const pkgDir = fileURLToPath(new URL(`../${PGJS_PACKAGE}`, import.meta.url));
-  const version = (JSON.parse(readFileSync(join(pkgDir, 'package.json'), 'utf8')) as { version: string }).version;
-  cpSync(pkgDir, join(buildDir, 'patched/node_modules/postgres'), { recursive: true });
-  const patch = fileURLToPath(new URL(`../patches/postgres+${version}.patch`, import.meta.url));
-  execFileSync('git', ['apply', patch], { cwd: join(buildDir, 'patched') });
-  mkdirSync(join(buildDir, 'node_modules'));
-  for (const entry of readdirSync(modules)) {
-    const target = entry === 'postgres3' ? join(buildDir, 'patched/node_modules/postgres') : join(modules, entry);
-    symlinkSync(target, join(buildDir, 'node_modules', entry), 'dir');
-  }
-} else symlinkSync(modules, join(buildDir, 'node_modules'), 'dir');
-await build({
-  entryPoints: ['queue-worker', 'queue-producer'].map((name) => ({ in: fixture(`${name}.ts`), out: name })),
-  bundle: true,
-  platform: 'node',
-  format: 'esm',
-  target: 'node20',
-  packages: 'external',
-  outdir: buildDir,
-  outExtension: { '.js': '.mjs' },
-  logLevel: 'warning',
-});
+// The fixtures bundled once (test/fixtures/bundle.ts), on postgres.js 3.4 with pgcoord's patch.
+const bundle = await bundleFixtures('queue-chaos', ['queue-worker', 'queue-producer'], { patchedPgjs3: true });
+afterAll(() => bundle.remove());
 
 // A server of this file's own: the crash-restart must not reach other files' databases.
 const server: EmbeddedServer = await startEmbeddedPostgres();
@@ -143,7 +112,7 @@ afterAll(async () => {
 
 function start(kind: Proc['kind'], id: number, config: object): Proc {
   const script = kind === 'worker' ? 'queue-worker' : 'queue-producer';
-  const child = spawn(process.execPath, [join(buildDir, `${script}.mjs`), JSON.stringify({ ...config, id })], {
+  const child = spawn(process.execPath, [bundle.script(script), JSON.stringify({ ...config, id })], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   live.add(child);
