@@ -1,5 +1,6 @@
 // `pgcoord locks` through the real CLI: a lock held by another connection, decoded to its string
 // key and namespace, and a waiter blocked by it (pg_blocking_pids), as JSON and as a table.
+import { type AddressInfo, createServer } from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
 import { listLocks } from '../src/cli/api.js';
 import { hashKey } from '../src/index.js';
@@ -79,5 +80,25 @@ describe('pgcoord locks', () => {
   it('listLocks() from code decodes keys this process hashed', async () => {
     const locks = await listLocks(db.sql);
     expect(locks.filter((l) => l.label === '"refunds":"order:42"').map((l) => l.status)).toEqual(['held', 'waiting']);
+  });
+
+  it('a refused connection names the host, port and cause; connect_timeout in the URL is honoured (not a fixed 10 s)', async () => {
+    const refused = await runCli(['locks', '--url', 'postgres://postgres@127.0.0.1:1/none']);
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toMatch(/could not get a database connection \(.*ECONNREFUSED 127\.0\.0\.1:1.*\)/);
+    // a server that accepts and never answers: the URL's 1 s, not the default 10 s
+    const silent = createServer(() => {}).listen(0, '127.0.0.1');
+    await new Promise((r) => silent.once('listening', r));
+    try {
+      const port = (silent.address() as AddressInfo).port;
+      const t0 = performance.now();
+      const slow = await runCli(['locks', '--url', `postgres://postgres@127.0.0.1:${port}/none?connect_timeout=1`]);
+      const took = performance.now() - t0;
+      expect(slow.code).toBe(1);
+      expect(slow.stderr).toMatch(/could not get a database connection/);
+      expect(took).toBeLessThan(9_000); // tsx start-up included; the default would wait 10 s
+    } finally {
+      silent.close();
+    }
   });
 });

@@ -11,11 +11,7 @@ import { countedSocket } from '../bench/db.js';
 import { createTestDatabase, type TestDatabase } from '../src/testing/index.js';
 import postgres from './pgjs.js';
 
-declare module 'vitest' {
-  export interface ProvidedContext {
-    databaseUrl: string;
-  }
-}
+// inject('databaseUrl') is typed by pgcoord/testing's own declaration (src/testing/index.ts)
 
 /** A runner kind under test: `use` runs `fn` with a fresh runner of that kind (a caller's transaction for the tx kinds). */
 export interface RunnerKind {

@@ -31,17 +31,21 @@ export function connectionUrl(url: string | undefined, env: NodeJS.ProcessEnv = 
  * notices are dropped, and `application_name` is `pgcoord-cli` unless the URL sets one.
  */
 export async function openConnection(url: string, max = 3): Promise<CliConnection> {
-  const application = new URL(url).searchParams.has('application_name') ? {} : { application_name: 'pgcoord-cli' };
+  const params = new URL(url).searchParams;
+  const application = params.has('application_name') ? {} : { application_name: 'pgcoord-cli' };
+  // the URL's connect_timeout (seconds) wins; 10 s otherwise
+  const given = Number(params.get('connect_timeout'));
+  const connectTimeoutS = params.has('connect_timeout') && Number.isFinite(given) && given > 0 ? given : 10;
   try {
     const { default: postgres } = await import('postgres');
-    const sql = postgres(url, { max, prepare: false, onnotice: () => {}, connect_timeout: 10, connection: application });
+    const sql = postgres(url, { max, prepare: false, onnotice: () => {}, connect_timeout: connectTimeoutS, connection: application });
     return { runner: sql, driver: 'postgres', close: () => sql.end({ timeout: 2 }) };
   } catch (err) {
     if (!isMissing(err)) throw err;
   }
   try {
     const { default: pg } = await import('pg');
-    const pool = new pg.Pool({ connectionString: url, max, connectionTimeoutMillis: 10_000, ...application });
+    const pool = new pg.Pool({ connectionString: url, max, connectionTimeoutMillis: connectTimeoutS * 1000, ...application });
     pool.on('error', () => {});
     return { runner: pool, driver: 'pg', close: () => pool.end() };
   } catch (err) {

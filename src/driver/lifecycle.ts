@@ -126,8 +126,16 @@ export function settle(batch: Batch, lost: Loss, committing: boolean): unknown[]
 export function noConnection(err: unknown): unknown {
   if (err instanceof AbortedError || err instanceof ConnectionLostError) return err;
   return isConnectFailure(err) || isConnectionLost(err)
-    ? new ConnectionLostError('could not get a database connection; nothing was run', { cause: err })
+    ? new ConnectionLostError(`could not get a database connection (${causeText(err)}); nothing was run`, { cause: err })
     : err;
+}
+
+// What went wrong, in a few words: the driver's message names the host and port for a refused or
+// timed-out connect (`connect ECONNREFUSED 127.0.0.1:5433`); else the code.
+function causeText(err: unknown): string {
+  const e = err as { message?: unknown; code?: unknown } | null;
+  const text = typeof e?.message === 'string' && e.message ? e.message : typeof e?.code === 'string' ? e.code : String(err);
+  return text.length > 200 ? `${text.slice(0, 200)}…` : text;
 }
 
 /** The rejection for an aborted signal: the caller's reason when it is pgcoord's, else AbortedError. */

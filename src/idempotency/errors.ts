@@ -126,7 +126,12 @@ export class IdempotencyResponseNotStorableError extends IdempotencyError {
 /** The idempotency table does not exist: run `migrate()` (or the shipped migrations) at deploy time. */
 export class IdempotencyNotMigratedError extends IdempotencyError {
   constructor(table: string, options?: { cause?: unknown }) {
-    super('PGCOORD_IDEMPOTENCY_NOT_MIGRATED', `idempotency table ${table} does not exist: run migrate() at deploy time`, 500, options);
+    super(
+      'PGCOORD_IDEMPOTENCY_NOT_MIGRATED',
+      `idempotency table ${table} does not exist: run migrateIdempotency() (or pgcoord generate) at deploy time`,
+      500,
+      options,
+    );
   }
 }
 

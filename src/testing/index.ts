@@ -61,6 +61,14 @@ export async function setupTestServer(project?: { provide(key: string, value: un
   };
 }
 
+// What the global setup provides: `inject('databaseUrl')` in a test file is typed.
+declare module 'vitest' {
+  export interface ProvidedContext {
+    /** The URL of the server the run uses (DATABASE_URL, a container or the embedded one). */
+    databaseUrl: string;
+  }
+}
+
 /** A database of its own for one test file. */
 export interface TestDatabase {
   url: string;
