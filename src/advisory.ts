@@ -16,10 +16,15 @@ export interface LockOptions extends TransactionOptions {
   mode?: LockMode;
   /**
    * Omit to wait as long as it takes; `0` to try once without waiting; N to wait at most N ms.
-   * The wait happens on the server (`lock_timeout`), so Postgres's deadlock detector sees it.
+   * The wait happens on the server (`lock_timeout`), so Postgres's deadlock detector sees it. A
+   * server that never answers (a network partition) is given up at twice the timeout plus a second.
    */
   timeoutMs?: number;
-  /** Abort to cancel the wait on the server; the operation rejects with {@link AbortedError}. */
+  /**
+   * Abort to cancel the wait on the server; the operation rejects with {@link AbortedError}. If the
+   * server answers nothing even then (a partition), the connection is dropped a few seconds later
+   * and the operation rejects with {@link ConnectionLostError} (nothing committed).
+   */
   signal?: AbortSignal;
 }
 
@@ -174,13 +179,21 @@ function lockInTransaction(conn: Conn, req: LockRequest, then: (() => PromiseLik
   const timed = req.timeoutMs !== undefined && req.timeoutMs > 0 ? timeoutStatements(req.timeoutMs) : undefined;
   const statements: Statement[] = timed ? [timed.before, ...locks, timed.after] : locks;
   const first = timed ? 1 : 0;
+  // lock_timeout is the server's: with no answer at all well past it (twice the timeout plus a
+  // second: room for a read sent behind the lock), the batch is cancelled like an aborted one, and
+  // the driver drops a connection that still answers nothing (GIVE_UP_AFTER_CANCEL_MS): under a
+  // network partition the wait ends in a typed error, not when the network heals.
+  const late = timed ? AbortSignal.timeout(2 * (req.timeoutMs as number) + LOCK_TIMEOUT_GRACE_MS) : undefined;
+  const signal = late ? (req.signal ? AbortSignal.any([req.signal, late]) : late) : req.signal;
   const step = (c: Conn) =>
-    (then ? c.sendThen(statements, then, req.signal) : c.send(statements, req.signal)).then(
+    (then ? c.sendThen(statements, then, signal) : c.send(statements, signal)).then(
       (rows) => {
         for (let i = first; i < first + locks.length; i++) if ((rows[i] as Row[] | undefined)?.[0]?.ok === 'false') throw notFree;
         return then ? rows[rows.length - 1] : undefined;
       },
       (err: unknown) => {
+        if (late?.aborted && !req.signal?.aborted)
+          throw new LockTimeoutError(req.labels.join(', '), req.timeoutMs as number, { cause: err }); // no answer at all
         throw lockError(err, req);
       },
     );
@@ -190,6 +203,9 @@ function lockInTransaction(conn: Conn, req: LockRequest, then: (() => PromiseLik
     throw err;
   });
 }
+
+// How long past its lock_timeout a lock statement may go unanswered before it is cancelled.
+const LOCK_TIMEOUT_GRACE_MS = 1000;
 
 // Thrown inside the attempt so a partial multi-key try is rolled back; never escapes.
 const notFree = new Error('pgcoord: lock not free');

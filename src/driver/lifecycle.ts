@@ -122,6 +122,15 @@ export function settle(batch: Batch, lost: Loss, committing: boolean): unknown[]
   return batch.rows;
 }
 
+/**
+ * How long a batch may go unanswered after its signal aborted (the cancel sent) before pgcoord
+ * presumes the server unreachable (a network partition: no answer, no reset) and drops the
+ * connection. Dropping is safe: pgcoord sends COMMIT only after every statement of the transaction
+ * answered, so a transaction whose answers never came cannot commit; the caller gets a typed loss
+ * instead of a wait as long as the partition.
+ */
+export const GIVE_UP_AFTER_CANCEL_MS = 3000;
+
 /** Getting a connection failed: nothing ran. A server that is down or full is a ConnectionLostError. */
 export function noConnection(err: unknown): unknown {
   if (err instanceof AbortedError || err instanceof ConnectionLostError) return err;

@@ -94,3 +94,14 @@ export async function pgListen(
     },
   };
 }
+
+/**
+ * Drop `client`'s connection at once: its socket is destroyed, so every statement in flight on it
+ * rejects and pg emits 'end'. For a server that answers nothing (a network partition), where
+ * `client.end()` would wait for the server's goodbye. `connection.stream`: pinned by
+ * test/driver-internals.test.ts.
+ */
+export function destroyPg(client: AnyObj): void {
+  const stream = (client.connection as { stream?: { destroy?(): void } } | undefined)?.stream;
+  stream?.destroy?.();
+}

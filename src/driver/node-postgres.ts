@@ -10,6 +10,7 @@ import {
   abortedBy,
   batchOf,
   finish,
+  GIVE_UP_AFTER_CANCEL_MS,
   Loss,
   noConnection,
   noop,
@@ -20,7 +21,7 @@ import {
   type TxState,
   unwatched,
 } from './lifecycle.js';
-import { cancelPg, pgListen } from './node-postgres-side.js';
+import { cancelPg, destroyPg, pgListen } from './node-postgres-side.js';
 import type { Adapter, Conn, Listening, PinnedConn, Row, Scope, SendOptions, Statement } from './types.js';
 
 type AnyObj = Record<string, unknown>;
@@ -117,7 +118,23 @@ function pgConn(client: AnyObj, own: boolean, loss: Loss, first?: string): Conn 
           }),
         );
       };
-      signal?.addEventListener('abort', cancel, { once: true });
+      // No answer to the cancel either: the server is unreachable (a partition). Drop the
+      // connection rather than wait for it: the batch rejects, its transaction cannot commit.
+      let giveUp: NodeJS.Timeout | undefined;
+      const onAbort = () => {
+        cancel();
+        giveUp = setTimeout(() => {
+          if (!running) return;
+          loss.abort(
+            new ConnectionLostError(
+              `no answer from the server within ${GIVE_UP_AFTER_CANCEL_MS} ms of the cancel: the connection was dropped; the transaction did not commit`,
+            ),
+          );
+          destroyPg(client);
+        }, GIVE_UP_AFTER_CANCEL_MS);
+        giveUp.unref?.();
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
       try {
         // A client created with `pipeline: true` pipelines statements issued without awaiting;
         // otherwise pg wants one at a time and stops at the first error, in which case COMMIT was
@@ -130,7 +147,8 @@ function pgConn(client: AnyObj, own: boolean, loss: Loss, first?: string): Conn 
         return settle(batchOf(results), loss, conn.ended).slice(skip, skip + statements.length) as Row[][];
       } finally {
         running = false;
-        signal?.removeEventListener('abort', cancel);
+        clearTimeout(giveUp);
+        signal?.removeEventListener('abort', onAbort);
       }
     },
   };
