@@ -228,23 +228,33 @@ describe('keyed queue', () => {
   it('an enqueue still open while its key empties: its job runs once it commits; one rolled back leaves nothing', async () => {
     const queue = 'race';
     const ran: number[] = [];
-    const worker = work<{ n: number }>(db.sql, queue, (job) => {
+    let inPlace: () => void = () => {};
+    const enqueued = new Promise<void>((r) => {
+      inPlace = r;
+    });
+    const worker = work<{ n: number }>(db.sql, queue, async (job) => {
+      if (job.payload.n === 1) await enqueued; // job 1 ends only once job 2's enqueue is open
       ran.push(job.payload.n);
     });
     await enqueue(db.sql, queue, 'k', { n: 1 });
     let commit: () => void = () => {};
+    const committed = new Promise<void>((r) => {
+      commit = r;
+    });
     const open = db.sql.begin(async (tx) => {
       await enqueue(tx, queue, 'k', { n: 2 }); // holds the key's order row until commit
-      await new Promise<void>((r) => {
-        commit = r;
-      });
+      inPlace();
+      await committed;
     });
-    await until(() => ran.includes(1)); // job 1 done while job 2's enqueue is open: the key cannot be removed
-    await sleep(300);
-    // the worker found the key empty but could not lock its order row: the key stays, looked at again shortly
-    expect(await db.sql`select key from pgcoord.queue_keys where queue = ${queue}`).toHaveLength(1);
-    commit();
-    await open;
+    try {
+      await until(() => ran.includes(1)); // job 1 done while job 2's enqueue is open: the key cannot be removed
+      await sleep(300);
+      // the worker found the key empty but could not lock its order row: the key stays, looked at again shortly
+      expect(await db.sql`select key from pgcoord.queue_keys where queue = ${queue}`).toHaveLength(1);
+    } finally {
+      commit(); // also on failure: an open transaction would hold up every later test
+      await open;
+    }
     await until(() => ran.includes(2));
     await db.sql
       .begin(async (tx) => {
