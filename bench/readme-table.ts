@@ -1,4 +1,4 @@
-// Print the README's results table (Markdown) from a run's JSON: `tsx bench/readme-table.ts <file.json>`.
+// Print the results table of bench/README.md (Markdown) from a run's JSON: `tsx bench/readme-table.ts <file.json>`.
 import { readFileSync } from 'node:fs';
 import type { Environment } from './machine.js';
 import { type Ratio, targetText, valueText } from './ratios.js';

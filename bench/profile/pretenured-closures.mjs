@@ -1,5 +1,5 @@
 // Profiling aid, not a test and not part of `npm run bench`: the smallest reproduction of the GC
-// pathology behind most of pgcoord's native CPU gap on the autocommit path (README, "pgcoord's
+// pathology behind most of pgcoord's native CPU gap on the autocommit path (bench/README.md, "pgcoord's
 // overhead"). V8's parser marks a function literal assigned to a property (`obj.f = () => ...`)
 // as long-lived, and unoptimized code (interpreter, baseline) allocates it in the old generation.
 // When it captures per-call state, the dead old closure keeps that state alive through every

@@ -1,5 +1,5 @@
 // Profiling aid, not a test and not part of `npm run bench`: the smallest reproduction of what
-// costs postgres.js, and pgcoord on top of it, most of their client CPU (README, "pgcoord's
+// costs postgres.js, and pgcoord on top of it, most of their client CPU (bench/README.md, "pgcoord's
 // overhead"). postgres.js 3.4.9 gives both its `Query extends Promise` and its `Result extends
 // Array` a `static get [Symbol.species]()`. With a species *getter*, V8 (Node 20 and 22) aborts
 // every optimizing compile of code that constructs the subclass ("dependency change") and tries
